@@ -1,0 +1,101 @@
+r"""CLIP: ViT image tower + causal text tower trained with the softmax InfoNCE loss.
+
+Variants (`--config configs/clip.py:VARIANT`):
+  tiny   digits 8x8, 2+2 layers of width 64: tests, seconds on a laptop.
+  small  emoji 32x32, ViT-4/8 width 128 + 2-layer text: real zero-shot learning on a
+         2-core CPU in about 10 minutes (numbers in README.md).
+  base   ViT-B/16 at 224 + 12-layer width-512 text (CLIP ViT-B/16): for GPU/TPU.
+
+  python -m mmjax.train --config configs/clip.py:small --workdir /tmp/clip_small \
+      --config.lr=3e-4 --config.mesh.fsdp=2
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.task = 'clip'
+  config.seed = 0
+
+  config.data = dict(
+      name='digits',
+      data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
+      image_size=8,
+      max_text_len=48,
+      augment=True,
+      worker_count=0,
+  )
+
+  config.loss = 'softmax'  # 'softmax' (CLIP) or 'sigmoid' (SigLIP)
+  config.model = dict(
+      image=dict(patch_size=2, width=64, depth=2, num_heads=2, mlp_ratio=4.0,
+                 activation='gelu', layer_norm_eps=1e-5),
+      text=dict(vocab_size=384, context_length=48, width=64, depth=2, num_heads=2,
+                mlp_ratio=4.0, activation='gelu', layer_norm_eps=1e-5),
+      embed_dim=64,
+      temperature_init=math.log(1 / 0.07),
+      max_logit_scale=100.0,
+      bias_init=config_dict.placeholder(float),
+      scan=True,
+      remat=False,
+  )
+
+  config.batch_size = 64
+  config.total_steps = 300
+  config.grad_accum_steps = 1
+  config.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+
+  # AdamW, linear warmup then cosine decay to end_lr_fraction * lr.
+  config.lr = 1e-3
+  config.wd = 0.1  # decoupled weight decay on matrices only (not on norms, biases, scalars)
+  config.schedule = dict(warmup_steps=30, end_lr_fraction=0.0)
+  config.adam = dict(b1=0.9, b2=0.98, eps=1e-6)
+  config.grad_clip_norm = 1.0
+
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+  config.log_every = 25
+  config.eval_every = 150
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 2
+  config.record_example_ids = False  # write the example ids of every step to the workdir
+
+  config.evals = dict(zeroshot=dict(batch_size=256))
+
+  if variant == 'tiny':
+    pass
+  elif variant == 'small':
+    config.data.update(name='emoji', image_size=32)
+    config.model.image.update(patch_size=8, width=128, depth=4, num_heads=4)
+    config.model.text.update(width=128, depth=2, num_heads=2)
+    config.model.embed_dim = 128
+    config.batch_size = 128
+    config.total_steps = 500
+    config.schedule.warmup_steps = 50
+    config.log_every = 25
+    config.eval_every = 250
+    config.checkpoint_every = 250
+  elif variant == 'base':
+    config.data.update(name='emoji', image_size=224, max_text_len=77, worker_count=8)
+    config.model.image.update(patch_size=16, width=768, depth=12, num_heads=12)
+    config.model.text.update(context_length=77, width=512, depth=12, num_heads=8)
+    config.model.embed_dim = 512
+    config.model.remat = True
+    config.batch_size = 4096
+    config.total_steps = 20_000
+    config.compute_dtype = 'bfloat16'
+    config.lr, config.wd = 5e-4, 0.2
+    config.schedule.warmup_steps = 2_000
+    config.log_every = 100
+    config.eval_every = 2_000
+    config.checkpoint_every = 1_000
+  else:
+    raise ValueError(f'configs/clip.py: unknown variant {variant!r}; use tiny, small or base')
+
+  config.lock()
+  return config

@@ -1,0 +1,1 @@
+"""mmjax: multimodal transformers in JAX/Flax, sharded over a device mesh."""

@@ -1,0 +1,91 @@
+"""CLIP / SigLIP task: contrastive image-text training, zero-shot evaluation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import config_lib
+from mmjax import losses
+from mmjax.data import captions
+from mmjax.data import pipeline
+from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.evals.zeroshot import ZeroShotEvaluator
+from mmjax.models.clip import CLIP
+from mmjax.tasks.base import Task
+
+
+def build_model(config) -> CLIP:
+  """The dual encoder described by `config.model` (compute in `config.compute_dtype`)."""
+  model_config = config.model
+  tower_options = dict(scan=model_config.scan, remat=model_config.remat)
+  return CLIP(
+      image=dict(model_config.image, **tower_options),
+      text=dict(model_config.text, **tower_options),
+      embed_dim=model_config.embed_dim,
+      temperature_init=model_config.temperature_init,
+      max_logit_scale=model_config.max_logit_scale,
+      bias_init=model_config.bias_init,
+      dtype=jnp.dtype(config.compute_dtype))
+
+
+class ClipTask(Task):
+  """Images and captions -> softmax (CLIP) or sigmoid (SigLIP) contrastive loss."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.model = build_model(config)
+    self.tokenizer = ByteTokenizer()
+    self.data_dir = config_lib.data_dir(config)
+    pipeline.build(config.data.name, self.data_dir)
+
+  def init(self, rng):
+    spec = self.batch_spec(1)
+    dummy = {key: jnp.zeros(value.shape, value.dtype) for key, value in spec.items()}
+    return self.model.init(rng, dummy['image'], dummy['text'])['params']
+
+  def batch_spec(self, batch_size):
+    size, length = self.config.data.image_size, self.config.data.max_text_len
+    return {
+        'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+        'text': jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+    }
+
+  def loss(self, params, batch, rng):
+    del rng  # no dropout in these towers
+    image_embeddings, text_embeddings, logit_scale, logit_bias = self.model.apply(
+        {'params': params}, batch['image'], batch['text'])
+    if self.config.loss == 'sigmoid':
+      loss = losses.sigmoid_contrastive_loss(
+          image_embeddings, text_embeddings, logit_scale, logit_bias)
+      return loss, {'logit_scale': logit_scale, 'logit_bias': logit_bias}
+    loss = losses.softmax_contrastive_loss(image_embeddings, text_embeddings, logit_scale)
+    return loss, {'logit_scale': logit_scale}
+
+  def train_iterator(self, *, process_index, process_count):
+    data = self.config.data
+    return pipeline.train_iterator(
+        data.name, self.data_dir, tokenizer=self.tokenizer, image_size=data.image_size,
+        max_text_len=data.max_text_len, global_batch_size=self.config.batch_size,
+        seed=self.config.seed, process_index=process_index, process_count=process_count,
+        worker_count=data.worker_count, augment=data.augment)
+
+  def evaluators(self, mesh):
+    data = self.config.data
+    splits = {
+        split_name: pipeline.load_eval(data.name, split, self.data_dir, data.image_size)
+        for split_name, split in pipeline.eval_splits(data.name).items()}
+    model = self.model
+    return {
+        'zeroshot': ZeroShotEvaluator(
+            encode_image=lambda params, x: model.apply({'params': params}, x,
+                                                       method=model.encode_image),
+            encode_text=lambda params, x: model.apply({'params': params}, x,
+                                                      method=model.encode_text),
+            tokenizer=self.tokenizer,
+            max_text_len=data.max_text_len,
+            class_names=pipeline.class_names(data.name, self.data_dir),
+            templates=captions.ZEROSHOT_TEMPLATES[data.name],
+            splits=splits,
+            batch_size=self.config.evals.zeroshot.batch_size,
+            mesh=mesh),
+    }

