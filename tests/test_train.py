@@ -189,3 +189,64 @@ def test_tiny_clip_learns_zero_shot_digits(data_dir, tmp_path):
   assert (tmp_path / 'loss_curve.png').exists()
   records = [line for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert len(records) >= config.total_steps // config.log_every
+
+
+def _trainer(config, mesh_axes):
+  mesh = sharding.make_mesh(mesh_axes)
+  return mesh, train.Trainer(config, mesh)
+
+
+def test_gradient_accumulation_averages_micro_batches(data_dir):
+  """k micro-batches (rows i, i+k, ...) give the mean of their separate gradients."""
+  mesh_axes = dict(data=2, fsdp=2)
+  accumulated_config = tiny_config(data_dir, grad_accum_steps=2)
+  mesh, accumulated = _trainer(accumulated_config, mesh_axes)
+  with sharding.activate(mesh):
+    _, plain = _trainer(tiny_config(data_dir), mesh_axes)
+    batch = _first_batches(plain, 1)[0]
+    params = plain.init_state(jax.random.PRNGKey(0))['params']
+    rng = jax.random.PRNGKey(1)
+    put = lambda b: sharding.global_batch(b, plain.batch_sharding)
+    loss, _, grads = accumulated.gradients(params, put(batch), rng)
+    micro = [plain.gradients(params, put({k: v[i::2] for k, v in batch.items()}), rng)
+             for i in range(2)]
+  np.testing.assert_allclose(loss, (micro[0][0] + micro[1][0]) / 2, rtol=1e-5)
+  full_batch_loss = float(plain.gradients(params, put(batch), rng)[0])
+  assert abs(float(loss) - full_batch_loss) > 0.1  # fewer negatives per micro-batch
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads))
+  for got, a, b in zip(*(jax.tree.leaves(g) for g in (grads, micro[0][2], micro[1][2]))):
+    np.testing.assert_allclose(got, (np.asarray(a) + np.asarray(b)) / 2, rtol=1e-4,
+                               atol=1e-5 * scale)
+
+
+def test_bfloat16_compute_keeps_float32_params(data_dir):
+  mesh_axes = dict(data=8)
+  f32_mesh, f32 = _trainer(tiny_config(data_dir), mesh_axes)
+  with sharding.activate(f32_mesh):
+    batch = sharding.global_batch(_first_batches(f32, 1)[0], f32.batch_sharding)
+    state = f32.init_state(jax.random.PRNGKey(0))
+    f32_loss = float(f32.gradients(state['params'], batch, jax.random.PRNGKey(1))[0])
+    _, bf16 = _trainer(tiny_config(data_dir, compute_dtype='bfloat16'), mesh_axes)
+    bf16_loss, _, bf16_grads = bf16.gradients(state['params'], batch, jax.random.PRNGKey(1))
+    new_state, _ = bf16.train_step(state, batch)
+  assert {g.dtype for g in jax.tree.leaves(bf16_grads)} == {np.dtype('float32')}
+  assert {p.dtype for p in jax.tree.leaves(new_state['params'])} == {np.dtype('float32')}
+  np.testing.assert_allclose(float(bf16_loss), f32_loss, rtol=2e-2)
+  assert float(bf16_loss) != f32_loss  # the compute really ran in bfloat16
+
+
+def test_siglip_loss_falls(data_dir):
+  config = config_lib.load(os.path.join(REPO, 'configs', 'siglip.py') + ':tiny',
+                           {'data.data_dir': data_dir})
+  mesh, trainer = _trainer(config, dict(data=2, fsdp=2, tensor=2))
+  with sharding.activate(mesh):
+    state = trainer.init_state(jax.random.PRNGKey(0))
+    assert float(state['params']['logit_bias']) == -10.0
+    data = trainer.task.train_iterator(process_index=0, process_count=1)
+    losses = []
+    for _ in range(60):
+      batch = {key: value for key, value in next(data).items() if key != 'example_id'}
+      state, metrics = trainer.train_step(state, sharding.global_batch(batch,
+                                                                       trainer.batch_sharding))
+      losses.append(float(metrics['loss']))
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses

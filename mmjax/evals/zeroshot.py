@@ -9,7 +9,6 @@ top-5 accuracy are reported per split.
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mmjax import sharding
