@@ -23,9 +23,13 @@ setup(
         'emoji',          # official emoji names
         'matplotlib',     # loss-curve PNG
         'tensorboardX',   # TensorBoard event files without TensorFlow
+        'ftfy',           # CLIP BPE tokenizer: text cleaning
+        'regex',          # CLIP BPE tokenizer: its word pattern (\p{L}, \p{N})
     ],
     extras_require={
-        # torch + transformers build the Hugging Face reference models for parity tests.
-        'test': ['pytest', 'torch==2.13.0', 'transformers>=5,<6'],
+        # torch + transformers build the Hugging Face reference models for parity tests;
+        # nbclient + ipykernel run the notebooks headless.
+        'test': ['pytest', 'torch==2.13.0', 'transformers>=5,<6', 'nbclient', 'nbformat',
+                 'ipykernel'],
     },
 )

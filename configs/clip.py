@@ -26,6 +26,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       name='digits',
       data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
       image_size=8,
+      tokenizer='byte',  # 'byte' (no vocabulary file) or 'clip_bpe' (OpenAI CLIP's BPE)
       max_text_len=48,
       augment=True,
       worker_count=0,
@@ -65,14 +66,17 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.record_example_ids = False  # write the example ids of every step to the workdir
 
-  config.evals = dict(zeroshot=dict(batch_size=256))
+  # Evaluators by name (mmjax/evals): `type` picks one, the rest are its options.
+  config.evals = dict(zeroshot=dict(type='zeroshot', templates='hand', batch_size=256))
 
   if variant == 'tiny':
     pass
   elif variant == 'small':
-    config.data.update(name='emoji', image_size=32)
+    config.data.update(name='emoji', image_size=32, tokenizer='clip_bpe', max_text_len=24)
+    config.evals.retrieval = dict(type='retrieval', batch_size=256)
     config.model.image.update(patch_size=8, width=128, depth=4, num_heads=4)
-    config.model.text.update(width=128, depth=2, num_heads=2)
+    config.model.text.update(vocab_size=49408, context_length=24, width=128, depth=2,
+                             num_heads=2)
     config.model.embed_dim = 128
     config.batch_size = 128
     config.total_steps = 500
@@ -82,6 +86,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
     config.checkpoint_every = 250
   elif variant == 'base':
     config.data.update(name='emoji', image_size=224, max_text_len=77, worker_count=8)
+    config.evals.retrieval = dict(type='retrieval', batch_size=256)
     config.model.image.update(patch_size=16, width=768, depth=12, num_heads=12)
     config.model.text.update(context_length=77, width=512, depth=12, num_heads=8)
     config.model.embed_dim = 512

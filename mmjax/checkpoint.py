@@ -58,3 +58,48 @@ def abstract_like(state, shardings):
   return jax.tree.map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       state, shardings)
+
+
+class CheckpointReader:
+  """Reads parameters and the config from a training run's checkpoints, on any mesh.
+
+  Only the parameters are read (not the optimizer state); they land on the shardings the
+  caller asks for, so a checkpoint written on 8 devices restores onto 1.
+  """
+
+  def __init__(self, directory: str):
+    self.directory = os.path.abspath(directory)
+    if not os.path.isdir(self.directory):
+      raise FileNotFoundError(f'no checkpoint directory {self.directory}')
+    self.manager = ocp.CheckpointManager(self.directory)
+
+  def steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def resolve_step(self, step: int | None) -> int:
+    """`step`, or the newest one when None; a clear error if there is none / not that one."""
+    steps = self.steps()
+    if not steps:
+      raise FileNotFoundError(f'no checkpoints in {self.directory}')
+    if step is None:
+      return max(steps)
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory}; '
+                              f'steps there: {sorted(steps)}')
+    return step
+
+  def config(self, step: int) -> dict:
+    """The config saved with the checkpoint, as a plain dict."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored['config']
+
+  def params(self, step: int, abstract_params):
+    """Restores `state['params']` onto `abstract_params` (ShapeDtypeStructs with shardings)."""
+    target = {'params': abstract_params}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+    return restored['state']['params']
+
+  def close(self) -> None:
+    self.manager.close()

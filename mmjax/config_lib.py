@@ -6,7 +6,7 @@ import os
 import ml_collections
 
 from mmjax import sharding
-from mmjax.data.tokenizer import VOCAB_SIZE
+from mmjax.data import tokenizers
 
 DTYPES = ('float32', 'bfloat16')
 LOSSES = ('softmax', 'sigmoid')
@@ -84,9 +84,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     if tower.width % tower.num_heads:
       raise ValueError(f'config.model.{tower_name}.width={tower.width} is not divisible by '
                        f'config.model.{tower_name}.num_heads={tower.num_heads}')
-  if text.vocab_size < VOCAB_SIZE:
+  if config.data.tokenizer not in tokenizers.VOCAB_SIZES:
+    raise ValueError(f'config.data.tokenizer={config.data.tokenizer!r}; use one of '
+                     f'{tokenizers.CHOICES}')
+  vocab_size = tokenizers.VOCAB_SIZES[config.data.tokenizer]
+  if text.vocab_size < vocab_size:
     raise ValueError(f'config.model.text.vocab_size={text.vocab_size} is smaller than the '
-                     f'tokenizer vocabulary ({VOCAB_SIZE})')
+                     f'{config.data.tokenizer!r} tokenizer vocabulary ({vocab_size})')
   if config.data.max_text_len > text.context_length:
     raise ValueError(f'config.data.max_text_len={config.data.max_text_len} exceeds '
                      f'config.model.text.context_length={text.context_length}')

@@ -26,6 +26,7 @@ import optax
 
 from mmjax import checkpoint
 from mmjax import config_lib
+from mmjax import evaluate
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
@@ -206,9 +207,11 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
           print(f'SIGTERM: saved step {step}, exiting', flush=True)
           break
         if step % config.eval_every == 0 or step == config.total_steps:
-          eval_metrics = evaluate(evaluators, state['params'])
+          eval_metrics = evaluate.evaluate(evaluators, state['params'])
           writer.write(step, eval_metrics)
           _print_eval(step, eval_metrics)
+          if step == config.total_steps and is_chief:
+            evaluate.write_reports(evaluators, os.path.join(workdir, 'eval'), step)
           timer.pause()
       checkpointer.save(step, state, data, config)
       checkpointer.wait()
@@ -217,13 +220,6 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
       checkpointer.close()
       writer.close()
   return state, eval_metrics
-
-
-def evaluate(evaluators, params) -> dict[str, float]:
-  metrics = {}
-  for name, evaluator in evaluators.items():
-    metrics.update({f'{name}/{key}': value for key, value in evaluator.run(params).items()})
-  return metrics
 
 
 class ExampleIdLog:
@@ -282,13 +278,9 @@ def _duration(seconds: float) -> str:
 
 
 def _print_eval(step: int, metrics: dict[str, float]) -> None:
-  shown = {k: v for k, v in metrics.items() if k.endswith(('top1', 'top5'))}
+  shown = {k: v for k, v in metrics.items() if k.endswith(('top1', 'top5', 'R@1', 'R@5'))}
   print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.3f}' for k, v in sorted(shown.items())),
         flush=True)
-
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 
 
 def main(argv):
@@ -300,5 +292,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import, so both entry points can be imported in one process.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,6 +1,7 @@
 """Tests for the data layer: the TFDS builders, names and splits, and the train iterator."""
 
 import collections
+import importlib.util
 import os
 
 import numpy as np
@@ -206,6 +207,20 @@ def test_emoji_pip_only(monkeypatch):
 def test_caption_templates():
   for templates in (*captions.TRAIN_TEMPLATES.values(), *captions.ZEROSHOT_TEMPLATES.values()):
     assert len(templates) >= 5 and all(t.count('{}') == 1 for t in templates)
-  prompts = captions.zeroshot_prompts('emoji', ['cat face', 'dog'])
-  assert len(prompts) == 2 and len(prompts[0]) == len(captions.ZEROSHOT_TEMPLATES['emoji'])
-  assert 'an emoji of dog.' in prompts[1]
+  assert captions.zeroshot_templates('emoji', 'name') == ['{}']
+  assert captions.zeroshot_templates('emoji', 'hand') == captions.ZEROSHOT_TEMPLATES['emoji']
+  with pytest.raises(ValueError, match='clip81'):
+    captions.zeroshot_templates('emoji', 'clip81')
+
+
+def test_clip80_templates_are_openai_imagenet_prompts():
+  """Our 80 prompts equal open_clip's copy of OpenAI's, in order."""
+  reference = importlib.util.find_spec('open_clip')
+  assert reference is not None, 'open-clip-torch is not installed: run bash .ci/setup'
+  path = os.path.join(reference.submodule_search_locations[0], 'zero_shot_metadata.py')
+  namespace = {}
+  with open(path) as f:
+    exec(f.read(), namespace)  # A plain data module: tuples of lambdas and class names.
+  expected = [template('{}') for template in namespace['OPENAI_IMAGENET_TEMPLATES']]
+  assert captions.zeroshot_templates('emoji', 'clip80') == expected
+  assert len(expected) == 80

@@ -12,19 +12,25 @@ import functools
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter
 import tensorflow_datasets as tfds
 
 from mmjax.data import captions
 from mmjax.data import digits
 from mmjax.data import emoji
+from mmjax.data import tuxpaint
 
-_BUILDERS = {'digits': digits.Digits, 'emoji': emoji.Emoji}
+_BUILDERS = {'digits': digits.Digits, 'emoji': emoji.Emoji, 'tuxpaint': tuxpaint.TuxPaint}
 _EVAL_SPLITS = {
     'digits': {'test': 'test'},
     'emoji': {'heldout_style/seen': 'test_seen', 'heldout_style/unseen': 'test_unseen'},
 }
-_CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0)}  # Range of the random crop's area fraction.
+_RETRIEVAL_SPLITS = {
+    'emoji': {'heldout_style': ('test_seen', 'test_unseen')},
+    'tuxpaint': {'test': ('test',)},
+}
+_JITTERED = ('emoji', 'tuxpaint')  # Datasets whose training images get `_random_jitter`.
+_CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}  # Range of the random crop's area fraction.
 
 
 def _builder(name: str, data_dir: str):
@@ -65,14 +71,33 @@ def unseen_names(name: str, data_dir: str) -> list[str]:
 
 def eval_splits(name: str) -> dict[str, str]:
   """{eval name: TFDS split} for zero-shot evaluation."""
+  if name not in _EVAL_SPLITS:
+    raise ValueError(f'dataset {name!r} has no zero-shot classification splits; use one of '
+                     f'{sorted(_EVAL_SPLITS)}')
   return dict(_EVAL_SPLITS[name])
 
 
-def _preprocess(image: np.ndarray, image_size: int, box=None) -> np.ndarray:
-  """uint8 [h, w, 1 or 3] -> float32 [S, S, 3] in [-1, 1]; crops to `box` (x0, y0, x1, y1)."""
+def _preprocess(image: np.ndarray, image_size: int, box=None, jitter=None) -> np.ndarray:
+  """uint8 [h, w, 1 or 3] -> float32 [S, S, 3] in [-1, 1]; crops to `box` (x0, y0, x1, y1)
+  and applies `jitter` (from `_random_jitter`) before resizing."""
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB')
+  if jitter:
+    pil = ImageEnhance.Brightness(pil).enhance(jitter['brightness'])
+    pil = ImageEnhance.Contrast(pil).enhance(jitter['contrast'])
+    pil = ImageEnhance.Color(pil).enhance(jitter['saturation'])
+    if jitter['blur']:
+      pil = pil.filter(ImageFilter.GaussianBlur(jitter['blur']))
   pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
   return np.asarray(pil, np.float32) / 127.5 - 1
+
+
+def _random_jitter(rng: np.random.Generator) -> dict[str, float]:
+  """Photometric jitter that keeps hues (names say "red", "green"): brightness, contrast,
+  saturation factors in [0.7, 1.3] and, half the time, a Gaussian blur of up to 1.5 source
+  pixels, so a drawing style's sharp outlines or soft shading is not a shortcut."""
+  brightness, contrast, saturation = rng.uniform(0.7, 1.3, 3)
+  blur = rng.uniform(0, 1.5) if rng.uniform() < 0.5 else 0.0
+  return dict(brightness=brightness, contrast=contrast, saturation=saturation, blur=blur)
 
 
 def _random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
@@ -84,12 +109,42 @@ def _random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
 
 def load_eval(name: str, split: str, data_dir: str, image_size: int) -> dict:
   """The whole split: {'image': float32 [N, S, S, 3] in [-1, 1], 'label': int32 [N]}."""
-  source = _prepared(name, data_dir).as_data_source(split)
-  examples = [source[i] for i in range(len(source))]
+  examples = _examples(_prepared(name, data_dir).as_data_source(split))
   return {
       'image': np.stack([_preprocess(x['image'], image_size) for x in examples]),
       'label': np.array([x['label'] for x in examples], np.int32),
   }
+
+
+def load_retrieval(name: str, data_dir: str, image_size: int) -> dict[str, dict]:
+  """Image-caption pairs for retrieval, by eval split name.
+
+  Each split: `{'image': float32 [n, S, S, 3], 'caption': list of n str, 'text_to_image':
+  int32 [n]}` (one caption per image here). Emoji: the held-out style, seen and unseen
+  names together, captioned `captions.RETRIEVAL_TEMPLATES['emoji']`; Tux Paint: the test
+  stamps with their sentences.
+  """
+  if name not in _RETRIEVAL_SPLITS:
+    raise ValueError(f'dataset {name!r} has no retrieval splits; use one of '
+                     f'{sorted(_RETRIEVAL_SPLITS)}')
+  builder = _prepared(name, data_dir)
+  splits = {}
+  for split_name, tfds_splits in _RETRIEVAL_SPLITS[name].items():
+    examples = [x for s in tfds_splits for x in _examples(builder.as_data_source(s))]
+    if name == 'emoji':
+      texts = [captions.RETRIEVAL_TEMPLATES[name].format(x['name'].decode()) for x in examples]
+    else:
+      texts = [x['caption'].decode() for x in examples]
+    splits[split_name] = {
+        'image': np.stack([_preprocess(x['image'], image_size) for x in examples]),
+        'caption': texts,
+        'text_to_image': np.arange(len(examples), dtype=np.int32),
+    }
+  return splits
+
+
+def _examples(source) -> list[dict]:
+  return [source[i] for i in range(len(source))]
 
 
 def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_len, augment):
@@ -97,9 +152,13 @@ def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_
   x = source[index]
   area = _CROP_AREA[name] if augment else None
   box = _random_box(x['image'].shape[0], area, rng) if area else None
-  caption = captions.random_caption(name, x['name'].decode(), rng)
+  jitter = _random_jitter(rng) if augment and name in _JITTERED else None
+  if 'caption' in x:  # A dataset of sentences (Tux Paint).
+    caption = x['caption'].decode()
+  else:  # A dataset of names: a caption template is drawn.
+    caption = captions.random_caption(name, x['name'].decode(), rng)
   return {
-      'image': _preprocess(x['image'], image_size, box),
+      'image': _preprocess(x['image'], image_size, box, jitter),
       'text': tokenizer.encode([caption], max_text_len)[0],
       'example_id': np.int32(index),
   }

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 
 from mmjax import config_lib
 from mmjax import losses
-from mmjax.data import captions
+from mmjax import evals
 from mmjax.data import pipeline
-from mmjax.data.tokenizer import ByteTokenizer
-from mmjax.evals.zeroshot import ZeroShotEvaluator
+from mmjax.data import tokenizers
 from mmjax.models.clip import CLIP
 from mmjax.tasks.base import Task
 
@@ -33,7 +32,7 @@ class ClipTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model = build_model(config)
-    self.tokenizer = ByteTokenizer()
+    self.tokenizer = tokenizers.get(config.data.tokenizer)
     self.data_dir = config_lib.data_dir(config)
     pipeline.build(config.data.name, self.data_dir)
 
@@ -68,23 +67,13 @@ class ClipTask(Task):
         seed=self.config.seed, process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment)
 
+  def encode_image(self, params, images):
+    """`[b, h, w, 3]` in [-1, 1] -> unit-norm image embeddings `[b, embed_dim]`."""
+    return self.model.apply({'params': params}, images, method=self.model.encode_image)
+
+  def encode_text(self, params, token_ids):
+    """`[b, l]` token ids -> unit-norm text embeddings `[b, embed_dim]`."""
+    return self.model.apply({'params': params}, token_ids, method=self.model.encode_text)
+
   def evaluators(self, mesh):
-    data = self.config.data
-    splits = {
-        split_name: pipeline.load_eval(data.name, split, self.data_dir, data.image_size)
-        for split_name, split in pipeline.eval_splits(data.name).items()}
-    model = self.model
-    return {
-        'zeroshot': ZeroShotEvaluator(
-            encode_image=lambda params, x: model.apply({'params': params}, x,
-                                                       method=model.encode_image),
-            encode_text=lambda params, x: model.apply({'params': params}, x,
-                                                      method=model.encode_text),
-            tokenizer=self.tokenizer,
-            max_text_len=data.max_text_len,
-            class_names=pipeline.class_names(data.name, self.data_dir),
-            templates=captions.ZEROSHOT_TEMPLATES[data.name],
-            splits=splits,
-            batch_size=self.config.evals.zeroshot.batch_size,
-            mesh=mesh),
-    }
+    return evals.build(self.config.evals, self, mesh)

@@ -1,0 +1,142 @@
+r"""Evaluation entry point: restore a checkpoint on the devices present and run its evaluators.
+
+  python -m mmjax.evaluate --workdir /tmp/clip_small               # newest step, saved config
+  python -m mmjax.evaluate --workdir /tmp/clip_small --step 250 \
+      --config configs/clip.py:small --config.evals.zeroshot.templates=clip80
+
+A checkpoint written on any mesh restores here: the config's mesh is used if it fits the
+devices present, otherwise all devices go to data parallelism. Metrics go to
+`eval_metrics.jsonl`, `tensorboard/eval_metrics/` and `eval/metrics_<step>.json`; each
+evaluator's report (zero-shot confusions, retrieval grids) and the training curves are
+written as JSON / PNG into `eval/`.
+"""
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+from ml_collections import config_flags
+
+from mmjax import checkpoint
+from mmjax import metrics_writer
+from mmjax import sharding
+from mmjax import tasks
+
+
+def evaluation_mesh(config, devices) -> jax.sharding.Mesh:
+  """The config's mesh if it fits `devices`, else a data-parallel mesh over all of them."""
+  try:
+    sharding.mesh_shape(config.mesh, len(devices))
+    return sharding.make_mesh(config.mesh, devices)
+  except ValueError as error:
+    print(f'config.mesh {dict(config.mesh)} does not fit {len(devices)} devices ({error}); '
+          f'evaluating data-parallel over all of them', flush=True)
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                              devices)
+
+
+def abstract_params(task, mesh):
+  """ShapeDtypeStructs of the task's parameters with their shardings on `mesh`."""
+  boxed = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  shardings = sharding.logical_shardings(boxed, mesh)
+  sharding.check_divisible(boxed, shardings, 'params')
+  return checkpoint.abstract_like(sharding.strip_boxes(boxed), shardings)
+
+
+def evaluate(evaluators: dict, params) -> dict[str, float]:
+  """Runs every evaluator; metrics are prefixed by the evaluator's name."""
+  metrics = {}
+  for name, evaluator in evaluators.items():
+    metrics.update({f'{name}/{key}': value for key, value in evaluator.run(params).items()})
+  return metrics
+
+
+def write_reports(evaluators: dict, directory: str, step: int) -> list[str]:
+  """Each evaluator's report files (those that have `write_report`), into `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for evaluator in evaluators.values():
+    if hasattr(evaluator, 'write_report'):
+      paths += evaluator.write_report(directory, step)
+  return paths
+
+
+def load_config(workdir: str, step: int | None, config=None):
+  """`config` if given, else the config saved with the checkpoint at `step` (newest)."""
+  if config is not None:
+    return config
+  reader = checkpoint.CheckpointReader(os.path.join(workdir, 'checkpoints'))
+  try:
+    return ml_collections.ConfigDict(reader.config(reader.resolve_step(step)))
+  finally:
+    reader.close()
+
+
+def run(workdir: str, *, config=None, step: int | None = None, devices=None, params=None):
+  """Evaluates the checkpoint at `step` (default newest) of `workdir` on `devices`.
+
+  params: evaluate these parameters instead of a checkpoint's (e.g. imported weights);
+  they are placed on the mesh and reported as step 0 unless `step` is given.
+  Returns `(step, metrics, report_paths)`.
+  """
+  devices = jax.devices() if devices is None else devices
+  config = load_config(workdir, step, config) if params is None else config
+  if config is None:
+    raise ValueError('evaluating given params needs their config')
+  mesh = evaluation_mesh(config, devices)
+  is_chief = jax.process_index() == 0
+  with sharding.activate(mesh):
+    task = tasks.get_task(config)
+    target = abstract_params(task, mesh)
+    if params is None:
+      reader = checkpoint.CheckpointReader(os.path.join(workdir, 'checkpoints'))
+      step = reader.resolve_step(step)
+      params = reader.params(step, target)
+      reader.close()
+    else:
+      step = step or 0
+      params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), nn.unbox(params),
+                            target)
+    evaluators = task.evaluators(mesh)
+    metrics = evaluate(evaluators, params)
+
+  os.makedirs(workdir, exist_ok=True)
+  report_dir = os.path.join(workdir, 'eval')
+  paths = []
+  if is_chief:
+    writer = metrics_writer.MetricsWriter(workdir, name='eval_metrics')
+    writer.write(step, metrics)
+    writer.close()
+    paths = write_reports(evaluators, report_dir, step)
+    metrics_path = os.path.join(report_dir, f'metrics_{step}.json')
+    with open(metrics_path, 'w') as f:
+      json.dump({'step': step, 'mesh': dict(mesh.shape), **metrics}, f, indent=1)
+    paths += [metrics_path] + metrics_writer.plot_curves(workdir)
+  return step, metrics, paths
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  step, metrics, paths = run(_WORKDIR.value, config=_CONFIG.value, step=_STEP.value)
+  print(f'evaluated step {step}:')
+  for key, value in sorted(metrics.items()):
+    print(f'  {key:48s} {value:.4f}' if isinstance(value, float) else f'  {key:48s} {value}')
+  print('wrote ' + ', '.join(paths))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so both entry points can be imported in one process.
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file[:variant]; default: the one saved with the '
+      'checkpoint.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
+  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)

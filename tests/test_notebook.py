@@ -1,0 +1,27 @@
+"""The evaluation notebook runs top to bottom, headless, as a user would run it."""
+
+import os
+
+import nbclient
+import nbformat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, 'experiments', 'notebooks', 'evaluate_clip.ipynb')
+
+
+def test_evaluate_clip_notebook_runs(tmp_path, monkeypatch):
+  monkeypatch.setenv('MMJAX_DATA_DIR', str(tmp_path / 'datasets'))
+  monkeypatch.delenv('MMJAX_WORKDIR', raising=False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()  # Raises CellExecutionError naming the failing cell.
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.outputs]
+  assert not [o for o in outputs if o.output_type == 'error']
+  images = [o for o in outputs if 'image/png' in o.get('data', {})]
+  assert len(images) >= 2  # the zero-shot grid and the training curves
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'max |ours - transformers| =' in text
+  difference = float(text.split('max |ours - transformers| =')[1].split()[0])
+  assert difference < 1e-5
