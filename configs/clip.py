@@ -33,17 +33,26 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   )
 
   config.loss = 'softmax'  # 'softmax' (CLIP) or 'sigmoid' (SigLIP)
+  # 'gathered': the [B, B] logits under GSPMD (mmjax/losses.py); 'ring': text blocks pass
+  # around the batch devices, one [B/n, B/n] block at a time (mmjax/ring_losses.py).
+  config.loss_impl = 'gathered'
   config.model = dict(
+      # Architecture switches (CLIP's values here; configs/siglip.py sets SigLIP's):
+      # image pool 'cls' (class token) | 'map' (attention-pooling head); text pool 'eot'
+      # (at argmax id) | 'last' (last position); projections 'linear' | 'linear_bias' | 'none'.
       image=dict(patch_size=2, width=64, depth=2, num_heads=2, mlp_ratio=4.0,
-                 activation='gelu', layer_norm_eps=1e-5),
+                 activation='gelu', layer_norm_eps=1e-5, patch_bias=False, class_token=True,
+                 ln_pre=True, pool='cls'),
       text=dict(vocab_size=384, context_length=48, width=64, depth=2, num_heads=2,
-                mlp_ratio=4.0, activation='gelu', layer_norm_eps=1e-5),
+                mlp_ratio=4.0, activation='gelu', layer_norm_eps=1e-5, causal=True, pool='eot'),
+      image_projection='linear',
+      text_projection='linear',
       embed_dim=64,
       temperature_init=math.log(1 / 0.07),
       max_logit_scale=100.0,
       bias_init=config_dict.placeholder(float),
       scan=True,
-      remat=False,
+      remat='none',  # 'none' | 'full' | 'dots' | 'dots_no_batch' (mmjax.models.layers)
   )
 
   config.batch_size = 64
@@ -55,7 +64,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   config.lr = 1e-3
   config.wd = 0.1  # decoupled weight decay on matrices only (not on norms, biases, scalars)
   config.schedule = dict(warmup_steps=30, end_lr_fraction=0.0)
-  config.adam = dict(b1=0.9, b2=0.98, eps=1e-6)
+  # mu_dtype: the first moment's dtype ('bfloat16' halves it; None = the params' float32).
+  config.adam = dict(b1=0.9, b2=0.98, eps=1e-6, mu_dtype=config_dict.placeholder(str))
   config.grad_clip_norm = 1.0
 
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -85,12 +95,14 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
     config.eval_every = 250
     config.checkpoint_every = 250
   elif variant == 'base':
-    config.data.update(name='emoji', image_size=224, max_text_len=77, worker_count=8)
+    config.data.update(name='emoji', image_size=224, tokenizer='clip_bpe', max_text_len=77,
+                       worker_count=8)
     config.evals.retrieval = dict(type='retrieval', batch_size=256)
     config.model.image.update(patch_size=16, width=768, depth=12, num_heads=12)
-    config.model.text.update(context_length=77, width=512, depth=12, num_heads=8)
+    config.model.text.update(vocab_size=49408, context_length=77, width=512, depth=12,
+                             num_heads=8)
     config.model.embed_dim = 512
-    config.model.remat = True
+    config.model.remat = 'full'
     config.batch_size = 4096
     config.total_steps = 20_000
     config.compute_dtype = 'bfloat16'

@@ -6,6 +6,7 @@ resume on another mesh); the grain iterator state is saved beside it, so a resum
 sees exactly the examples the uninterrupted run would have seen.
 """
 
+import json
 import os
 
 import grain
@@ -40,9 +41,19 @@ class Checkpointer:
 
     abstract_state: a tree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`.
     """
+    data_dir = os.path.join(self.manager.directory, str(step), 'data')
+    own = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if os.path.exists(os.path.join(data_dir, own)):
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      return restored['state']
+    # Written by another number of processes. Every process's iterator stands at the same
+    # position (the step: host p reads the p-th block of each global batch), so any of
+    # their states rewinds this one; they are checked to agree.
+    data_iterator.set_state(_common_iterator_state(data_dir))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
 
   def wait(self) -> None:
@@ -51,6 +62,19 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _common_iterator_state(data_dir: str) -> dict:
+  """The data-iterator state that every process of the writing run saved (they agree)."""
+  names = sorted(n for n in os.listdir(data_dir) if n.startswith('process_'))
+  states = []
+  for name in names:
+    with open(os.path.join(data_dir, name)) as f:
+      states.append(json.load(f))
+  if not states or any(state != states[0] for state in states):
+    raise ValueError(f'{data_dir}: the data-iterator states of the processes that wrote it '
+                     f'differ or are missing ({names}); cannot resume on another process count')
+  return states[0]
 
 
 def abstract_like(state, shardings):

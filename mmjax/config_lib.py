@@ -7,9 +7,18 @@ import ml_collections
 
 from mmjax import sharding
 from mmjax.data import tokenizers
+from mmjax.models import layers
 
 DTYPES = ('float32', 'bfloat16')
 LOSSES = ('softmax', 'sigmoid')
+LOSS_IMPLS = ('gathered', 'ring')
+PROJECTIONS = ('linear', 'linear_bias', 'none')
+
+
+def _get(config, dotted_key: str):
+  for part in dotted_key.split('.'):
+    config = config[part]
+  return config
 
 
 def load(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
@@ -72,6 +81,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     raise ValueError(f'config.compute_dtype={config.compute_dtype!r}; use one of {DTYPES}')
   if config.get('loss') is not None and config.loss not in LOSSES:
     raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
+  if config.get('loss_impl', 'gathered') not in LOSS_IMPLS:
+    raise ValueError(f'config.loss_impl={config.loss_impl!r}; use one of {LOSS_IMPLS}')
   if config.loss == 'sigmoid' and config.model.bias_init is None:
     raise ValueError('config.loss=sigmoid needs config.model.bias_init (SigLIP uses -10)')
   if config.total_steps < 1:
@@ -84,6 +95,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     if tower.width % tower.num_heads:
       raise ValueError(f'config.model.{tower_name}.width={tower.width} is not divisible by '
                        f'config.model.{tower_name}.num_heads={tower.num_heads}')
+  choices = {'model.image.pool': ('cls', 'map'), 'model.text.pool': ('eot', 'last'),
+             'model.image_projection': PROJECTIONS, 'model.text_projection': PROJECTIONS}
+  for key, allowed in choices.items():
+    value = _get(config, key)
+    if value not in allowed:
+      raise ValueError(f'config.{key}={value!r}; use one of {allowed}')
+  if image.pool == 'cls' and not image.class_token:
+    raise ValueError("config.model.image.pool='cls' needs config.model.image.class_token=True")
+  for tower_name, tower in (('image', image), ('text', text)):
+    projection = config.model[f'{tower_name}_projection']
+    if projection == 'none' and tower.width != config.model.embed_dim:
+      raise ValueError(
+          f"config.model.{tower_name}_projection='none' needs config.model.{tower_name}.width "
+          f'({tower.width}) == config.model.embed_dim ({config.model.embed_dim})')
+  if config.model.remat not in (*layers.REMAT_POLICIES, True, False):
+    raise ValueError(f'config.model.remat={config.model.remat!r}; use one of '
+                     f'{tuple(layers.REMAT_POLICIES)}')
+  if config.adam.get('mu_dtype') not in (None, *DTYPES):
+    raise ValueError(f'config.adam.mu_dtype={config.adam.mu_dtype!r}; use None or one of '
+                     f'{DTYPES}')
   if config.data.tokenizer not in tokenizers.VOCAB_SIZES:
     raise ValueError(f'config.data.tokenizer={config.data.tokenizer!r}; use one of '
                      f'{tokenizers.CHOICES}')

@@ -3,6 +3,8 @@ r"""Evaluation entry point: restore a checkpoint on the devices present and run 
   python -m mmjax.evaluate --workdir /tmp/clip_small               # newest step, saved config
   python -m mmjax.evaluate --workdir /tmp/clip_small --step 250 \
       --config configs/clip.py:small --config.evals.zeroshot.templates=clip80
+  python -m mmjax.evaluate --workdir /tmp/openai_clip --hf_dir /path/to/clip-vit-base-patch32 \
+      --config configs/clip.py:base --config.data.tokenizer=clip_bpe   # imported weights
 
 A checkpoint written on any mesh restores here: the config's mesh is used if it fits the
 devices present, otherwise all devices go to data parallelism. Metrics go to
@@ -23,9 +25,12 @@ import ml_collections
 from ml_collections import config_flags
 
 from mmjax import checkpoint
+from mmjax import distributed
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
+from mmjax.convert import hf_directory
+from mmjax.tasks import clip as clip_task
 
 
 def evaluation_mesh(config, devices) -> jax.sharding.Mesh:
@@ -89,7 +94,7 @@ def run(workdir: str, *, config=None, step: int | None = None, devices=None, par
   if config is None:
     raise ValueError('evaluating given params needs their config')
   mesh = evaluation_mesh(config, devices)
-  is_chief = jax.process_index() == 0
+  is_chief = distributed.is_chief()
   with sharding.activate(mesh):
     task = tasks.get_task(config)
     target = abstract_params(task, mesh)
@@ -124,11 +129,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  step, metrics, paths = run(_WORKDIR.value, config=_CONFIG.value, step=_STEP.value)
-  print(f'evaluated step {step}:')
-  for key, value in sorted(metrics.items()):
-    print(f'  {key:48s} {value:.4f}' if isinstance(value, float) else f'  {key:48s} {value}')
-  print('wrote ' + ', '.join(paths))
+  distributed.initialize(*(holder.value for holder in _DISTRIBUTED))
+  config, params = _CONFIG.value, None
+  if _HF_DIR.value:
+    if config is None:
+      raise app.UsageError('--hf_dir needs --config (the data, tokenizer and evaluators)')
+    model_kwargs, params = hf_directory.load_hf_directory(_HF_DIR.value)
+    clip_task.set_model_config(config, model_kwargs)
+  step, metrics, paths = run(_WORKDIR.value, config=config, step=_STEP.value, params=params)
+  if distributed.is_chief():
+    print(f'evaluated step {step}:')
+    for key, value in sorted(metrics.items()):
+      print(f'  {key:48s} {value:.4f}' if isinstance(value, float) else f'  {key:48s} {value}')
+    print('wrote ' + ', '.join(paths))
 
 
 if __name__ == '__main__':
@@ -138,5 +151,9 @@ if __name__ == '__main__':
       'checkpoint.')
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (with checkpoints/).')
   _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
+  _DISTRIBUTED = distributed.define_flags()
+  _HF_DIR = flags.DEFINE_string(
+      'hf_dir', None, 'Evaluate Hugging Face CLIPModel / SiglipModel weights from this '
+      'save_pretrained directory instead of a checkpoint (results go to --workdir).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -26,6 +26,7 @@ import optax
 
 from mmjax import checkpoint
 from mmjax import config_lib
+from mmjax import distributed
 from mmjax import evaluate
 from mmjax import metrics_writer
 from mmjax import sharding
@@ -42,12 +43,17 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW; no weight decay on vectors and scalars."""
+  """Global-norm clipping, then AdamW; no weight decay on vectors and scalars.
+
+  `config.adam.mu_dtype='bfloat16'` keeps the first moment in bfloat16 (the second stays
+  float32, as do the parameters).
+  """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   return optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam.b1, b2=config.adam.b2,
-                  eps=config.adam.eps, weight_decay=config.wd, mask=decay_mask))
+                  eps=config.adam.eps, weight_decay=config.wd, mask=decay_mask,
+                  mu_dtype=config.adam.get('mu_dtype')))
 
 
 class Trainer:
@@ -155,7 +161,8 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
   devices = jax.devices() if devices is None else devices
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
-  is_chief = jax.process_index() == 0
+  is_chief = distributed.is_chief()
+  log = print if is_chief else (lambda *args, **kwargs: None)  # Process 0 speaks.
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_writer.MetricsWriter(workdir, enabled=is_chief)
 
@@ -171,11 +178,11 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
       start = 0
     else:
       state = checkpointer.restore(start, trainer.abstract_state, data)
-      print(f'Resumed from step {start} in {workdir}', flush=True)
+      log(f'Resumed from step {start} in {workdir}', flush=True)
     writer.truncate_after(start)
     example_log = (ExampleIdLog(workdir, start) if config.record_example_ids else None)
     evaluators = trainer.task.evaluators(mesh)
-    print(f'mesh {dict(mesh.shape)}, {_count(state["params"]):,} parameters, '
+    log(f'mesh {dict(mesh.shape)}, {_count(state["params"]):,} parameters, '
           f'training steps {start}..{config.total_steps}', flush=True)
 
     sigterm = _StopOnSigterm()
@@ -198,18 +205,19 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
             raise FloatingPointError(f'loss is {metrics["loss"]} at step {step}; not saving')
           rates = timer.update(step, config.total_steps)
           writer.write(step, {f'train/{k}': v for k, v in metrics.items()} | rates)
-          print(f'step {step:6d}/{config.total_steps}  loss {metrics["loss"]:.4f}  '
+          log(f'step {step:6d}/{config.total_steps}  loss {metrics["loss"]:.4f}  '
                 f'lr {metrics["learning_rate"]:.2e}  {rates["examples_per_sec"]:.0f} ex/s  '
                 f'ETA {_duration(rates["eta_seconds"])}', flush=True)
         if step % config.checkpoint_every == 0 or sigterm.requested:
           checkpointer.save(step, state, data, config)
         if sigterm.requested:
-          print(f'SIGTERM: saved step {step}, exiting', flush=True)
+          log(f'SIGTERM: saved step {step}, exiting', flush=True)
           break
         if step % config.eval_every == 0 or step == config.total_steps:
           eval_metrics = evaluate.evaluate(evaluators, state['params'])
           writer.write(step, eval_metrics)
-          _print_eval(step, eval_metrics)
+          if is_chief:
+            _print_eval(step, eval_metrics)
           if step == config.total_steps and is_chief:
             evaluate.write_reports(evaluators, os.path.join(workdir, 'eval'), step)
           timer.pause()
@@ -287,13 +295,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  config = _CONFIG.value
-  run(config, _WORKDIR.value)
+  distributed.initialize(*(holder.value for holder in _DISTRIBUTED))
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
   # Defined here, not at import, so both entry points can be imported in one process.
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:variant].')
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  _DISTRIBUTED = distributed.define_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -194,3 +194,48 @@ def test_checkpoint_from_8_devices_evaluates_on_1_device(tmp_path):
       [sys.executable, '-m', 'mmjax.evaluate', f'--workdir={workdir}', '--step=7'], cwd=REPO,
       env=env, capture_output=True, text=True, timeout=600)
   assert missing.returncode != 0 and 'no checkpoint for step 7' in missing.stderr
+
+
+def test_evaluate_imported_hf_clip_equals_torch_zero_shot(tmp_path):
+  """`--hf_dir`: a saved HF CLIPModel evaluates to the zero-shot accuracy torch gives."""
+  import torch  # pylint: disable=g-import-not-at-top  (the test extra's reference model)
+  import transformers  # pylint: disable=g-import-not-at-top
+  from mmjax.data import captions, digits
+  from mmjax.data.clip_tokenizer import ClipTokenizer
+
+  torch.manual_seed(0)
+  tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, hidden_act='quick_gelu')
+  hf_model = transformers.CLIPModel(transformers.CLIPConfig(
+      vision_config=dict(image_size=8, patch_size=2, **tower),
+      text_config=dict(vocab_size=49408, max_position_embeddings=48, pad_token_id=0,
+                       bos_token_id=49406, eos_token_id=49407, **tower),
+      projection_dim=16)).eval()
+  hf_dir, data_dir, workdir = (str(tmp_path / name) for name in ('hf', 'data', 'run'))
+  hf_model.save_pretrained(hf_dir)
+
+  result = subprocess.run(
+      [sys.executable, '-m', 'mmjax.evaluate', f'--workdir={workdir}', f'--hf_dir={hf_dir}',
+       f'--config={TINY}', '--config.data.tokenizer=clip_bpe',
+       f'--config.data.data_dir={data_dir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, 'eval', 'metrics_0.json')) as f:
+    metrics = json.load(f)
+
+  split = pipeline.load_eval('digits', 'test', data_dir, image_size=8)
+  templates = captions.zeroshot_templates('digits', 'hand')
+  token_ids = ClipTokenizer().encode(
+      [t.format(name) for name in digits.NAMES for t in templates], 48)
+  with torch.no_grad():
+    images = hf_model.get_image_features(
+        pixel_values=torch.from_numpy(split['image']).permute(0, 3, 1, 2))
+    texts = hf_model.get_text_features(input_ids=torch.from_numpy(token_ids).long())
+  images = getattr(images, 'pooler_output', images).numpy()
+  texts = getattr(texts, 'pooler_output', texts).numpy()
+  classes = _unit(_unit(texts).reshape(len(digits.NAMES), len(templates), -1).mean(1))
+  scores = _unit(images) @ classes.T
+  for k in (1, 5):
+    expected = np.mean(zeroshot.top_k_hits(scores, split['label'], k))
+    assert metrics[f'zeroshot/test/top{k}'] == pytest.approx(expected, abs=1e-9)

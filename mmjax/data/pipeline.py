@@ -3,12 +3,15 @@
 Datasets are read with `tfds` ArrayRecord data sources and grain. Images come out as float32
 [..., S, S, 3] in [-1, 1]. The train iterator is a grain iterator over an infinite, seeded,
 per-epoch reshuffled sequence; step t's global batch is elements [t*B, (t+1)*B) of it and host
-p of P gets every P-th of those, starting at p. All randomness (order, augmentation, caption
+p of P gets the p-th contiguous block of B/P of those, so the hosts' batches concatenated in
+process order are the one-host batch, row for row. All randomness (order, augmentation, caption
 templates) is a function of (seed, position in the sequence), so `get_state`/`set_state`
 restore exactly.
 """
 
+import fcntl
 import functools
+import os
 
 import grain
 import numpy as np
@@ -30,7 +33,8 @@ _RETRIEVAL_SPLITS = {
     'tuxpaint': {'test': ('test',)},
 }
 _JITTERED = ('emoji', 'tuxpaint')  # Datasets whose training images get `_random_jitter`.
-_CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}  # Range of the random crop's area fraction.
+# Range of the random crop's area fraction (None: no crop).
+_CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}
 
 
 def _builder(name: str, data_dir: str):
@@ -47,12 +51,21 @@ def _prepared(name: str, data_dir: str):
 
 
 def build(name: str, data_dir: str) -> None:
-  """Builds dataset `name` into `data_dir` unless it is there already."""
-  builder = _builder(name, data_dir)
-  if not builder.is_prepared():
-    print(f'Building dataset {name!r} in {data_dir} ...', flush=True)
-    tfds.disable_progress_bar()
-    builder.download_and_prepare()
+  """Builds dataset `name` into `data_dir` unless it is there already.
+
+  Several processes may call this at once (the processes of a multi-host run on one
+  machine, or sharing a file system): a lock file lets one build while the others wait.
+  """
+  if _builder(name, data_dir).is_prepared():
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f'.{name}.build.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = _builder(name, data_dir)  # Another process may have built it meanwhile.
+    if not builder.is_prepared():
+      print(f'Building dataset {name!r} in {data_dir} ...', flush=True)
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
 
 
 def class_names(name: str, data_dir: str) -> list[str]:
@@ -185,7 +198,9 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
       max_text_len=max_text_len, augment=augment)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
   ds = ds.random_map(example)  # The rng depends on (seed, position): augmentations resume exactly.
-  ds = ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+  # Lazy batches of b consecutive elements; host p takes every P-th starting at p, i.e. the
+  # p-th block of each global batch, and computes only its own elements.
+  ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
   # Batch before `to_iter_dataset`: worker processes then split whole batches, so the
   # sequence of batches is the same for any `worker_count`.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))

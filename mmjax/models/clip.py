@@ -1,10 +1,14 @@
-"""CLIP / SigLIP dual encoder: ViT image tower, causal text tower, learned temperature.
+"""CLIP / SigLIP dual encoder: ViT image tower, text tower, learned temperature.
 
 The two towers map images and captions into one `embed_dim` space of unit vectors;
 `losses.softmax_contrastive_loss` (CLIP) or `losses.sigmoid_contrastive_loss` (SigLIP)
-pulls matching pairs together. The layout follows OpenAI CLIP (and so Hugging Face
-`CLIPModel`): pre-LN blocks, text pooled at the end-of-text token, found as
-`argmax(token_ids)` because it has the highest id, projections without bias.
+pulls matching pairs together. The default layout follows OpenAI CLIP (and so Hugging
+Face `CLIPModel`): pre-LN blocks, a causal text tower pooled at the end-of-text token,
+found as `argmax(token_ids)` because it has the highest id, projections without bias.
+Options give the SigLIP layout of Hugging Face `SiglipModel` (see `mmjax.convert`):
+image tower `ViT(patch_bias=True, class_token=False, ln_pre=False, pool='map')`, text
+tower `TextTower(causal=False, pool='last')`, `image_projection_kind='none'`,
+`text_projection_kind='linear_bias'`.
 """
 
 import flax.linen as nn
@@ -19,13 +23,28 @@ def l2_normalize(x, eps=1e-12):
   return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def projection(embed_dim, dtype, name):
-  return layers.Dense(embed_dim, ('embed', None), use_bias=False, dtype=dtype, name=name,
+PROJECTION_KINDS = ('linear', 'linear_bias', 'none')
+
+
+def projection(kind, embed_dim, dtype):
+  """`[batch, width]` -> `[batch, embed_dim]`: a Dense layer, or None for `kind='none'`."""
+  if kind not in PROJECTION_KINDS:
+    raise ValueError(f'projection kind must be one of {PROJECTION_KINDS}, got {kind!r}')
+  if kind == 'none':
+    return None
+  return layers.Dense(embed_dim, ('embed', None), use_bias=kind == 'linear_bias', dtype=dtype,
                       kernel_init=nn.initializers.lecun_normal)
 
 
 class TextTower(nn.Module):
-  """`[batch, length]` token ids -> (pooled `[batch, width]`, tokens `[batch, length, width]`)."""
+  """`[batch, length]` token ids -> (pooled `[batch, width]`, tokens `[batch, length, width]`).
+
+  `tokens` are `ln_final` of the last block's outputs; `pooled` is one of them, chosen by
+  `pool`: 'eot' the end-of-text token, found as `argmax(token_ids)` (CLIP), or 'last' the
+  last position, padding or not (SigLIP, trained on texts padded to a fixed length).
+  `causal=True` (CLIP) lets a token see only earlier ones; `causal=False` (SigLIP) lets
+  every token, padding included, see every token.
+  """
   vocab_size: int
   context_length: int
   width: int
@@ -34,12 +53,16 @@ class TextTower(nn.Module):
   mlp_ratio: float = 4.0
   activation: str = 'gelu'
   layer_norm_eps: float = 1e-5
+  causal: bool = True
+  pool: str = 'eot'
   scan: bool = True
-  remat: bool = False
+  remat: bool | str = False  # a `layers.REMAT_POLICIES` name, or True (full) / False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, token_ids):
+    if self.pool not in ('eot', 'last'):
+      raise ValueError(f"pool must be 'eot' or 'last', got {self.pool!r}")
     length = token_ids.shape[1]
     if length > self.context_length:
       raise ValueError(f'text length {length} exceeds context_length {self.context_length}')
@@ -57,11 +80,14 @@ class TextTower(nn.Module):
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     tokens = layers.Transformer(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.width * self.mlp_ratio),
-        causal=True, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+        causal=self.causal, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
         scan=self.scan, remat=self.remat, dtype=self.dtype, name='transformer')(x)
     tokens = layers.layer_norm(self.layer_norm_eps, name='ln_final')(tokens)
-    end_of_text = jnp.argmax(token_ids, axis=-1)
-    pooled = jnp.take_along_axis(tokens, end_of_text[:, None, None], axis=1)[:, 0]
+    if self.pool == 'last':
+      pooled = tokens[:, -1]
+    else:
+      end_of_text = jnp.argmax(token_ids, axis=-1)
+      pooled = jnp.take_along_axis(tokens, end_of_text[:, None, None], axis=1)[:, 0]
     return pooled, tokens
 
 
@@ -71,21 +97,33 @@ class CLIP(nn.Module):
   `__call__(images [b, h, w, 3], token_ids [b, l])` returns
   `(image_embeddings [b, embed_dim], text_embeddings [b, embed_dim], logit_scale, logit_bias)`
   with unit-norm float32 embeddings; `logit_scale` is `exp(temperature)` clipped at
-  `max_logit_scale`; `logit_bias` is None unless `bias_init` is set.
+  `max_logit_scale` (None: not clipped); `logit_bias` is None unless `bias_init` is set.
+  The logits are `logit_scale * image_embeddings @ text_embeddings.T (+ logit_bias)`.
+
+  `image_projection_kind` / `text_projection_kind` map a tower's pooled `[b, width]` to
+  `[b, embed_dim]`: 'linear' (CLIP; kernel only), 'linear_bias' (SigLIP's text `head`),
+  or 'none' (SigLIP's image tower; no param, needs the tower's width == embed_dim).
   """
   image: dict
   text: dict
   embed_dim: int
   temperature_init: float = 2.6592600  # log(1 / 0.07)
-  max_logit_scale: float = 100.0
+  max_logit_scale: float | None = 100.0
   bias_init: float | None = None
+  image_projection_kind: str = 'linear'
+  text_projection_kind: str = 'linear'
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
+    for tower, kind, config in (('image', self.image_projection_kind, self.image),
+                                ('text', self.text_projection_kind, self.text)):
+      if kind == 'none' and config['width'] != self.embed_dim:
+        raise ValueError(f"{tower}_projection_kind='none' needs {tower} width "
+                         f"{config['width']} == embed_dim {self.embed_dim}")
     self.image_tower = ViT(**self.image, dtype=self.dtype)
     self.text_tower = TextTower(**self.text, dtype=self.dtype)
-    self.image_projection = projection(self.embed_dim, self.dtype, 'image_projection')
-    self.text_projection = projection(self.embed_dim, self.dtype, 'text_projection')
+    self.image_projection = projection(self.image_projection_kind, self.embed_dim, self.dtype)
+    self.text_projection = projection(self.text_projection_kind, self.embed_dim, self.dtype)
     self.temperature = self.param(
         'temperature', nn.initializers.constant(self.temperature_init), ())
     if self.bias_init is not None:
@@ -94,14 +132,18 @@ class CLIP(nn.Module):
   def encode_image(self, images):
     """`[b, h, w, 3]` in [-1, 1] -> unit vectors `[b, embed_dim]`."""
     pooled, _ = self.image_tower(images)
-    return l2_normalize(self.image_projection(pooled))
+    return l2_normalize(pooled if self.image_projection is None
+                        else self.image_projection(pooled))
 
   def encode_text(self, token_ids):
     """`[b, l]` int token ids -> unit vectors `[b, embed_dim]`."""
     pooled, _ = self.text_tower(token_ids)
-    return l2_normalize(self.text_projection(pooled))
+    return l2_normalize(pooled if self.text_projection is None
+                        else self.text_projection(pooled))
 
   def __call__(self, images, token_ids):
-    logit_scale = jnp.minimum(jnp.exp(self.temperature), self.max_logit_scale)
+    logit_scale = jnp.exp(self.temperature)
+    if self.max_logit_scale is not None:
+      logit_scale = jnp.minimum(logit_scale, self.max_logit_scale)
     logit_bias = self.logit_bias if self.bias_init is not None else None
     return self.encode_image(images), self.encode_text(token_ids), logit_scale, logit_bias

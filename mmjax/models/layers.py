@@ -76,24 +76,29 @@ def causal_mask(length: int) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head dot-product self-attention.
+  """Multi-head dot-product attention: self-attention, or cross-attention to `context`.
 
-  `[batch, length, width]` -> `[batch, length, width]`. `mask` is boolean, broadcastable
-  to `[batch, heads, length, length]`, True where a query may attend to a key.
+  `x [batch, length, width]` -> `[batch, length, width]`. Queries come from `x`; keys and
+  values from `context [batch, context_length, width]` when given (cross-attention, which
+  cannot be `causal`), else from `x`. `mask` is boolean, broadcastable to
+  `[batch, heads, length, context_length]`, True where a query may attend to a key.
   """
   num_heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, context=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    if self.causal and context is not None:
+      raise ValueError('causal attention needs keys from x itself, not from a context')
+    context = x if context is None else context
     head_dim = width // self.num_heads
     project_in = lambda name: Dense(
         (self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype, name=name)
-    q, k, v = project_in('query')(x), project_in('key')(x), project_in('value')(x)
+    q, k, v = project_in('query')(x), project_in('key')(context), project_in('value')(context)
     q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', None))
     k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_heads', None))
     v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_heads', None))
@@ -147,11 +152,23 @@ class TransformerBlock(nn.Module):
     return x, None
 
 
+# Rematerialisation policies by name: what the backward pass may keep from the forward.
+REMAT_POLICIES = {
+    'none': None,  # no remat at all
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class Transformer(nn.Module):
   """`depth` TransformerBlocks: `[batch, length, width]` -> same shape.
 
   `scan=True` stacks the block parameters on a leading `layers` axis and compiles one
-  block; `remat=True` recomputes block activations in the backward pass.
+  block. `remat` picks what the backward pass recomputes (see `REMAT_POLICIES`): 'none'
+  keeps every activation, 'full' (or True) only each block's input, 'dots' keeps matmul
+  outputs, 'dots_no_batch' keeps matmul outputs without batch dimensions (weights-only
+  products, as in MaxText).
   """
   depth: int
   num_heads: int
@@ -160,7 +177,7 @@ class Transformer(nn.Module):
   activation: str = 'gelu'
   layer_norm_eps: float = 1e-5
   scan: bool = True
-  remat: bool = False
+  remat: bool | str = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -169,8 +186,11 @@ class Transformer(nn.Module):
                         activation=self.activation, layer_norm_eps=self.layer_norm_eps,
                         dtype=self.dtype)
     block = TransformerBlock
-    if self.remat:
-      block = nn.remat(block, prevent_cse=not self.scan)
+    policy_name = {False: 'none', True: 'full'}.get(self.remat, self.remat)
+    if policy_name not in REMAT_POLICIES:
+      raise ValueError(f'remat={self.remat!r}; use one of {sorted(REMAT_POLICIES)}')
+    if policy_name != 'none':
+      block = nn.remat(block, prevent_cse=not self.scan, policy=REMAT_POLICIES[policy_name])
     if self.scan:
       stack = nn.scan(
           block, variable_axes={'params': 0}, split_rngs={'params': True},

@@ -1,8 +1,10 @@
-"""Vision Transformer image tower (CLIP layout).
+"""Vision Transformer image tower, in the CLIP layout by default or the SigLIP layout.
 
-Patchify convolution without bias, a class token, learned positions, `ln_pre`, a
-pre-LN Transformer, `ln_post` on the class token. Reused by every family that needs
-image features.
+CLIP (the defaults): patchify convolution without bias, a class token, learned
+positions, `ln_pre`, a pre-LN Transformer, `ln_post` on the class token.
+SigLIP (`patch_bias=True, class_token=False, ln_pre=False, pool='map'`): patchify
+convolution with bias, learned positions, the Transformer, `ln_post` on every token, then
+a multi-head attention pooling head. Reused by every family that needs image features.
 """
 
 import flax.linen as nn
@@ -11,11 +13,45 @@ import jax.numpy as jnp
 from mmjax.models import layers
 
 
-class ViT(nn.Module):
-  """`[batch, height, width, 3]` images -> (pooled `[batch, width]`, tokens `[batch, 1 + patches, width]`).
+class MAPHead(nn.Module):
+  """Multi-head attention pooling: `[batch, length, width]` tokens -> `[batch, width]`.
 
-  `pooled` is `ln_post` of the class token; `tokens` are the last block's outputs
-  (before `ln_post`), class token first.
+  A learned probe attends over the tokens (`attn`, keys and values from the tokens),
+  then `y + mlp(ln(y))` on the attended vector `y` (big_vision's `MAPHead`, HF's
+  `SiglipMultiheadAttentionPoolingHead`).
+  """
+  num_heads: int
+  mlp_dim: int
+  activation: str = 'gelu'
+  layer_norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    batch, _, width = tokens.shape
+    probe = self.param(
+        'probe',
+        nn.with_logical_partitioning(nn.initializers.normal(width ** -0.5), ('embed',)),
+        (width,))
+    probe = jnp.broadcast_to(probe.astype(self.dtype), (batch, 1, width))
+    y = layers.Attention(self.num_heads, dtype=self.dtype, name='attn')(
+        probe, context=tokens.astype(self.dtype))
+    h = layers.layer_norm(self.layer_norm_eps, name='ln')(y).astype(self.dtype)
+    y = y + layers.Mlp(self.mlp_dim, self.activation, self.dtype, name='mlp')(h)
+    return y[:, 0]
+
+
+class ViT(nn.Module):
+  """`[batch, height, width, 3]` images -> (pooled `[batch, width]`, tokens `[batch, n, width]`).
+
+  `tokens` are the last block's outputs (before `ln_post`), `n = patches + class_token`,
+  class token first. `pooled` depends on `pool`:
+    'cls': `ln_post` of the class token (needs `class_token=True`), as CLIP;
+    'map': `MAPHead` (param `map_head`) over `ln_post` of every token, as SigLIP.
+  Architecture options (defaults give the CLIP layout and its param tree):
+    patch_bias   the patchify convolution has a bias (`patch_embed/bias`).
+    class_token  prepend a learned class token (`class_token`, `[width]`).
+    ln_pre       layer norm (`ln_pre`) on the embedded tokens before the Transformer.
   """
   patch_size: int
   width: int
@@ -24,38 +60,56 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   activation: str = 'gelu'
   layer_norm_eps: float = 1e-5
+  patch_bias: bool = False
+  class_token: bool = True
+  ln_pre: bool = True
+  pool: str = 'cls'
   scan: bool = True
-  remat: bool = False
+  remat: bool | str = False  # a `layers.REMAT_POLICIES` name, or True (full) / False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images):
+    if self.pool not in ('cls', 'map'):
+      raise ValueError(f"pool must be 'cls' or 'map', got {self.pool!r}")
+    if self.pool == 'cls' and not self.class_token:
+      raise ValueError("pool='cls' needs class_token=True")
     batch, height, width, _ = images.shape
     if height % self.patch_size or width % self.patch_size:
       raise ValueError(
           f'image size {height}x{width} is not divisible by patch_size {self.patch_size}')
     x = nn.Conv(
         self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
-        use_bias=False, dtype=self.dtype, name='patch_embed',
+        use_bias=self.patch_bias, dtype=self.dtype, name='patch_embed',
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, 'embed')))(
-                images.astype(self.dtype))
+            nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))(
+            images.astype(self.dtype))
     x = x.reshape(batch, -1, self.width)
     scale = self.width ** -0.5
-    class_token = self.param(
-        'class_token',
-        nn.with_logical_partitioning(nn.initializers.normal(scale), ('embed',)), (self.width,))
-    x = jnp.concatenate([jnp.broadcast_to(class_token.astype(self.dtype), (batch, 1, self.width)),
-                         x], axis=1)
+    if self.class_token:
+      class_token = self.param(
+          'class_token',
+          nn.with_logical_partitioning(nn.initializers.normal(scale), ('embed',)),
+          (self.width,))
+      x = jnp.concatenate(
+          [jnp.broadcast_to(class_token.astype(self.dtype), (batch, 1, self.width)), x], axis=1)
     positions = self.param(
         'pos_embed',
         nn.with_logical_partitioning(nn.initializers.normal(scale), ('length', 'embed')),
         x.shape[1:])
     x = x + positions.astype(self.dtype)
-    x = layers.layer_norm(self.layer_norm_eps, name='ln_pre')(x).astype(self.dtype)
+    if self.ln_pre:
+      x = layers.layer_norm(self.layer_norm_eps, name='ln_pre')(x).astype(self.dtype)
+    mlp_dim = int(self.width * self.mlp_ratio)
     tokens = layers.Transformer(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.width * self.mlp_ratio),
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
         activation=self.activation, layer_norm_eps=self.layer_norm_eps, scan=self.scan,
         remat=self.remat, dtype=self.dtype, name='transformer')(x)
-    pooled = layers.layer_norm(self.layer_norm_eps, name='ln_post')(tokens[:, 0])
+    ln_post = layers.layer_norm(self.layer_norm_eps, name='ln_post')
+    if self.pool == 'cls':
+      pooled = ln_post(tokens[:, 0])
+    else:
+      pooled = MAPHead(self.num_heads, mlp_dim, self.activation, self.layer_norm_eps,
+                       self.dtype, name='map_head')(ln_post(tokens))
     return pooled, tokens

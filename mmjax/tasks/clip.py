@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from mmjax import config_lib
 from mmjax import losses
+from mmjax import ring_losses
 from mmjax import evals
 from mmjax.data import pipeline
 from mmjax.data import tokenizers
@@ -23,7 +24,24 @@ def build_model(config) -> CLIP:
       temperature_init=model_config.temperature_init,
       max_logit_scale=model_config.max_logit_scale,
       bias_init=model_config.bias_init,
+      image_projection_kind=model_config.image_projection,
+      text_projection_kind=model_config.text_projection,
       dtype=jnp.dtype(config.compute_dtype))
+
+
+def set_model_config(config, model_kwargs: dict) -> None:
+  """Writes `CLIP(...)` kwargs (e.g. from `mmjax.convert`) into `config.model`: the inverse
+  of `build_model`, so a task can be built around imported weights."""
+  renamed = {'image_projection_kind': 'image_projection',
+             'text_projection_kind': 'text_projection'}
+  with config.unlocked():
+    for key, value in model_kwargs.items():
+      if key in ('image', 'text'):
+        tower = dict(value)
+        config.model.scan = tower.pop('scan', config.model.scan)
+        config.model[key].update(tower)
+      else:
+        config.model[renamed.get(key, key)] = value
 
 
 class ClipTask(Task):
@@ -52,11 +70,14 @@ class ClipTask(Task):
     del rng  # no dropout in these towers
     image_embeddings, text_embeddings, logit_scale, logit_bias = self.model.apply(
         {'params': params}, batch['image'], batch['text'])
+    # 'ring' (mmjax/ring_losses.py): same loss and gradients, no [B, B] logits; it runs on
+    # the mesh set by `sharding.activate`.
+    impl = ring_losses if self.config.get('loss_impl', 'gathered') == 'ring' else losses
     if self.config.loss == 'sigmoid':
-      loss = losses.sigmoid_contrastive_loss(
+      loss = impl.sigmoid_contrastive_loss(
           image_embeddings, text_embeddings, logit_scale, logit_bias)
       return loss, {'logit_scale': logit_scale, 'logit_bias': logit_bias}
-    loss = losses.softmax_contrastive_loss(image_embeddings, text_embeddings, logit_scale)
+    loss = impl.softmax_contrastive_loss(image_embeddings, text_embeddings, logit_scale)
     return loss, {'logit_scale': logit_scale}
 
   def train_iterator(self, *, process_index, process_count):
