@@ -90,6 +90,7 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
     config.model.embed_dim = 128
     config.batch_size = 128
     config.total_steps = 500
+    config.wd = 0.5  # ~4,500 training images: more decay held out styles better than 0.1
     config.schedule.warmup_steps = 50
     config.log_every = 25
     config.eval_every = 250

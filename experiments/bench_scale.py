@@ -231,7 +231,7 @@ def main(argv):
       seconds = compile_step(config, mesh)[2]
       first = first or seconds
       print(f'| {depth} | {seconds:.2f} | {seconds / first:.2f} |', flush=True)
-    print()
+    print(f'\n(what follows is for depth {depth})\n')
 
   trainer, compiled, seconds = compile_step(config, mesh)
   memory = compiled.memory_analysis()

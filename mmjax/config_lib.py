@@ -79,6 +79,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
         f'data-parallel size {data_parallel}')
   if config.compute_dtype not in DTYPES:
     raise ValueError(f'config.compute_dtype={config.compute_dtype!r}; use one of {DTYPES}')
+  if config.get('task', 'clip') != 'clip':  # Other families check their own keys.
+    from mmjax import tasks  # Here, not at the top: mmjax.tasks imports this module.
+    if config.total_steps < 1:
+      raise ValueError(f'config.total_steps={config.total_steps} must be positive')
+    if config.adam.get('mu_dtype') not in (None, *DTYPES):
+      raise ValueError(f'config.adam.mu_dtype={config.adam.mu_dtype!r}; use None or one of '
+                       f'{DTYPES}')
+    if config.task not in tasks.TASKS:
+      raise ValueError(f'config.task={config.task!r} is unknown; known: {sorted(tasks.TASKS)}')
+    tasks.TASKS[config.task].validate_config(config)
+    return mesh
   if config.get('loss') is not None and config.loss not in LOSSES:
     raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
   if config.get('loss_impl', 'gathered') not in LOSS_IMPLS:

@@ -6,9 +6,10 @@ Three cases, tried in order by `initialize`:
    with the number of processes and this process's id (`--num_processes`, `--process_id`,
    or `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`). Works anywhere, e.g. two processes on
    localhost with 4 CPU devices each.
-2. Detected: on a Cloud TPU pod slice (several TPU workers) or inside a SLURM job step with
-   several tasks (`srun`), `jax.distributed.initialize()` finds the coordinator, process
-   count and id by itself.
+2. Detected: inside a SLURM job step with several tasks (`srun`), with several TPU workers
+   named in `TPU_WORKER_HOSTNAMES`, or when asked with `--coordinator=auto` (e.g. on a Cloud
+   TPU pod slice), `jax.distributed.initialize()` finds the coordinator, process count and
+   id by itself.
 3. Otherwise one process: nothing to do.
 
 After it, `jax.devices()` lists every process's devices; the mesh spans all of them, each
@@ -37,6 +38,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   computation (call it at the top of `main`).
   """
   coordinator = coordinator or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if coordinator == 'auto':  # Let JAX detect the cluster (TPU, SLURM, Open MPI, k8s).
+    jax.distributed.initialize()
+    return 'detected'
   if coordinator:
     num_processes = num_processes or _env_int('JAX_NUM_PROCESSES')
     process_id = process_id if process_id is not None else _env_int('JAX_PROCESS_ID')
@@ -69,7 +73,8 @@ def define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   return (
       flags.DEFINE_string('coordinator', None, 'host:port of process 0 for a multi-process '
-                          'run (default: $JAX_COORDINATOR_ADDRESS, or TPU/SLURM detection)'),
+                          "run, or 'auto' to let JAX detect the cluster (default: "
+                          '$JAX_COORDINATOR_ADDRESS, else SLURM / TPU detection)'),
       flags.DEFINE_integer('num_processes', None, 'Number of processes (with --coordinator).'),
       flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.'),
   )

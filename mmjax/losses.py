@@ -36,3 +36,26 @@ def sigmoid_contrastive_loss(image_embeddings, text_embeddings, logit_scale, log
   logits = contrastive_logits(image_embeddings, text_embeddings, logit_scale, logit_bias)
   labels = 2.0 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1.0
   return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+
+
+# VQ tokenizer losses (mmjax/tasks/vq.py); the quantizer's own losses are in mmjax/models/vq.py.
+
+def pixel_loss(reconstruction, images, kind: str = 'l1'):
+  """Mean absolute ('l1') or squared ('l2') error over every pixel and channel."""
+  error = reconstruction.astype(jnp.float32) - images.astype(jnp.float32)
+  if kind == 'l1':
+    return jnp.mean(jnp.abs(error))
+  if kind == 'l2':
+    return jnp.mean(jnp.square(error))
+  raise ValueError(f"pixel loss kind {kind!r}; use 'l1' or 'l2'")
+
+
+def hinge_discriminator_loss(real_logits, fake_logits):
+  """`(mean relu(1 - D(x)) + mean relu(1 + D(G(x)))) / 2` (VQGAN's discriminator loss)."""
+  return 0.5 * (jnp.mean(jax.nn.relu(1.0 - real_logits)) +
+                jnp.mean(jax.nn.relu(1.0 + fake_logits)))
+
+
+def hinge_generator_loss(fake_logits):
+  """`-mean D(G(x))`: the generator's side of the hinge GAN."""
+  return -jnp.mean(fake_logits)

@@ -128,6 +128,8 @@ class Trainer:
     loss, metrics, grads = self._gradients(state['params'], batch, step_rng)
     updates, opt_state = self.optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    # Non-gradient updates the task computed in its loss (e.g. EMA codebooks); default none.
+    params, metrics = self.task.update_params(params, metrics)
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    learning_rate=self.schedule(state['step']))
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
@@ -286,7 +288,8 @@ def _duration(seconds: float) -> str:
 
 
 def _print_eval(step: int, metrics: dict[str, float]) -> None:
-  shown = {k: v for k, v in metrics.items() if k.endswith(('top1', 'top5', 'R@1', 'R@5'))}
+  suffixes = ('top1', 'top5', 'R@1', 'R@5', 'psnr', 'ssim', 'codebook_usage')
+  shown = {k: v for k, v in metrics.items() if k.endswith(suffixes)}
   print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.3f}' for k, v in sorted(shown.items())),
         flush=True)
 

@@ -207,3 +207,38 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
   if worker_count:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
+
+
+def _image_example(index, rng, *, source, name, image_size, augment, jitter):
+  """Example `index` of the train split -> {'image', 'example_id'}, randomised by `rng`."""
+  x = source[index]
+  area = _CROP_AREA[name] if augment else None
+  box = _random_box(x['image'].shape[0], area, rng) if area else None
+  jitter = _random_jitter(rng) if augment and jitter and name in _JITTERED else None
+  return {'image': _preprocess(x['image'], image_size, box, jitter), 'example_id': np.int32(index)}
+
+
+def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_batch_size: int,
+                         seed: int, process_index: int = 0, process_count: int = 1,
+                         worker_count: int = 0, augment: bool = True, jitter: bool = True):
+  """`train_iterator` for images alone (no captions), e.g. to train an image tokenizer.
+
+  Each element: {'image': float32 [b, S, S, 3] in [-1, 1], 'example_id': int32 [b]}, with
+  the same order, host blocks and checkpointable state as `train_iterator`, and its
+  augmentations (`jitter=False`: the random crop only, no colour jitter or blur).
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  source = _prepared(name, data_dir).as_data_source('train')
+  example = functools.partial(_image_example, source=source, name=name, image_size=image_size,
+                              augment=augment, jitter=jitter)
+  ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().random_map(example)
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count].to_iter_dataset(
+      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+  if worker_count:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(ds)

@@ -9,10 +9,12 @@ evaluators by adding builders here.
 """
 
 from mmjax.evals import dual_encoder
+from mmjax.evals import reconstruction
 
 BUILDERS = {
     'zeroshot': dual_encoder.zeroshot_from_config,
     'retrieval': dual_encoder.retrieval_from_config,
+    'reconstruction': reconstruction.reconstruction_from_config,
 }
 
 

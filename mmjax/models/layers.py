@@ -11,6 +11,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 
@@ -20,8 +21,18 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """Exact (erf) GELU as PyTorch computes it: `0.5 x (1 + erf(x / sqrt(2)))`.
+
+  Equal to `jax.nn.gelu(x, approximate=False)` to float32 rounding (both within ~1e-6 of
+  torch's); that one is written with `erfc`, which XLA:CPU expands into exp-based
+  polynomials costing ~2x the forward time of erf's (experiments/bench_clip_step.py).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    'gelu': lambda x: nn.gelu(x, approximate=False),
+    'gelu': gelu,
     'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
     'quick_gelu': quick_gelu,
 }
@@ -165,10 +176,15 @@ class Transformer(nn.Module):
   """`depth` TransformerBlocks: `[batch, length, width]` -> same shape.
 
   `scan=True` stacks the block parameters on a leading `layers` axis and compiles one
-  block. `remat` picks what the backward pass recomputes (see `REMAT_POLICIES`): 'none'
-  keeps every activation, 'full' (or True) only each block's input, 'dots' keeps matmul
-  outputs, 'dots_no_batch' keeps matmul outputs without batch dimensions (weights-only
-  products, as in MaxText).
+  block; `scan_unroll` is passed to the scan as `unroll`, which changes the compiled
+  program, never the parameters. The default 1 keeps compile time flat in depth; fully
+  unrolled (True), XLA:CPU stops copying the stacked per-layer activations in and out of its
+  while loops (~20% of a train step of `configs/clip.py:tiny`,
+  experiments/bench_clip_step.py) but the program grows with depth.
+  `remat` picks what the backward pass recomputes (see `REMAT_POLICIES`): 'none' keeps
+  every activation, 'full' (or True) only each block's input, 'dots' keeps matmul outputs,
+  'dots_no_batch' keeps matmul outputs without batch dimensions (weights-only products, as
+  in MaxText).
   """
   depth: int
   num_heads: int
@@ -177,6 +193,7 @@ class Transformer(nn.Module):
   activation: str = 'gelu'
   layer_norm_eps: float = 1e-5
   scan: bool = True
+  scan_unroll: int | bool = 1
   remat: bool | str = False
   dtype: Dtype = jnp.float32
 
@@ -195,6 +212,7 @@ class Transformer(nn.Module):
       stack = nn.scan(
           block, variable_axes={'params': 0}, split_rngs={'params': True},
           in_axes=nn.broadcast, length=self.depth,
+          unroll=self.scan_unroll,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(name='blocks', **block_kwargs)(x, mask)
     else:

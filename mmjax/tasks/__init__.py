@@ -2,8 +2,9 @@
 
 from mmjax.tasks.base import Task
 from mmjax.tasks.clip import ClipTask
+from mmjax.tasks.vq import VQTask
 
-TASKS = {'clip': ClipTask}
+TASKS = {'clip': ClipTask, 'vq': VQTask}
 
 
 def get_task(config) -> Task:

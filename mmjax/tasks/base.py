@@ -46,3 +46,18 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluators(self, mesh) -> dict[str, Evaluator]:
     """Evaluators by name; their metrics are logged as `name/metric`."""
+
+  def update_params(self, params, aux: dict):
+    """Updates that are not gradient steps, run inside the train step after the optimizer's.
+
+    `aux` is the loss's second output (averaged over micro-batches); a task may put
+    statistics there for this hook (e.g. the VQ tokenizer's EMA codebook and dead-code
+    restarts, `mmjax/tasks/vq.py`). Returns `(params, metrics)`: the params, same tree and
+    shapes, and the scalar metrics to log. Default: no change.
+    """
+    return params, aux
+
+  @classmethod
+  def validate_config(cls, config) -> None:
+    """Raises ValueError naming the key of a setting of this family's config that cannot
+    work; `mmjax.config_lib.validate` calls it before anything compiles."""
