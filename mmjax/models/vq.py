@@ -377,8 +377,8 @@ class VQModel(nn.Module):
   """The tokenizer: `encode`, `quantize`, `decode`, `tokenize`, `detokenize`; calling it
   runs all of them and returns a dict (`reconstruction`, `quantized`: `Quantized`).
 
-  Param tree: `encoder`, `quant_conv`, `quantizer` (`codebook`, optional `usage`,
-  `ema_sum`: see `Codebook`), `post_quant_conv`, `decoder`. Field names follow `ChameleonVQVAEConfig`
+  Param tree: `encoder`, `quant_conv`, `quantizer` (`codebook`, optional `usage`, `ema_sum`:
+  see `Codebook`), `post_quant_conv`, `decoder`. Field names follow `ChameleonVQVAEConfig`
   except `num_codes` (HF `num_embeddings`) and `code_dim` (HF `embed_dim`).
   """
   base_channels: int = 128
@@ -409,10 +409,6 @@ class VQModel(nn.Module):
     self.quantizer = Codebook(self.num_codes, self.code_dim, self.restart_dead_codes, self.ema)
     self.post_quant_conv = conv(self.latent_channels, 1, dtype=self.dtype)
     self.decoder = Decoder(**shape)
-
-  @property
-  def downsampling(self) -> int:
-    return 2 ** (len(self.channel_multiplier) - 1)
 
   def encode(self, images):
     """`[b, H, W, 3]` in [-1, 1] -> continuous latents `[b, h, w, code_dim]` (float32)."""
