@@ -25,6 +25,8 @@ setup(
         'tensorboardX',   # TensorBoard event files without TensorFlow
         'ftfy',           # CLIP BPE tokenizer: text cleaning
         'regex',          # CLIP BPE tokenizer: its word pattern (\p{L}, \p{N})
+        'pycocoevalcap',  # CIDEr (its pure-Python scorer; the Java tokenizer is not used)
+        'sacrebleu',      # BLEU-4
     ],
     extras_require={
         # torch + transformers build the Hugging Face reference models for parity tests;

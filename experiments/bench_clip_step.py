@@ -27,6 +27,10 @@ _XLA_FLAGS = flags.DEFINE_bool('xla_flags', True,
 _MAX_LOAD = flags.DEFINE_float(
     'max_load', 0.1, 'A block pair counts only if other processes used fewer cores than this.')
 _MAX_MINUTES = flags.DEFINE_float('max_minutes', 30, 'Give up waiting for quiet blocks after.')
+_SETTLE = flags.DEFINE_float('settle', 1.0, 'Seconds of sleep before each timed block.')
+_ROLLED = flags.DEFINE_bool(
+    'rolled', True, 'Also time our step with config.model.scan_unroll=False (one compiled '
+    'layer in a while loop), for comparison.')
 _SAME_WEIGHTS = flags.DEFINE_bool('same_weights', True,
                                   'Import the transformers initial weights into ours.')
 
@@ -112,9 +116,8 @@ def lr_at(config, step):
 
 class Ours:
   """`mmjax.train.Trainer.train_step` on one CPU device, data kept out of the loop."""
-  name = 'mmjax'
 
-  def __init__(self, config, images, text, hf_state_dict=None):
+  def __init__(self, config, images, text, hf_state_dict=None, name='mmjax'):
     import jax
     import numpy as np
     from mmjax import sharding
@@ -127,6 +130,7 @@ class Ours:
         self.model = clip_task.build_model(config)
 
     self.jax = jax
+    self.name = name
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.mesh = dict(data=1, fsdp=1, tensor=1)
@@ -180,6 +184,12 @@ class Ours:
   def update(self, grads):
     self.state = self._update(self.state, grads)
     self.jax.block_until_ready(self.state)
+
+  def timed_run(self, n):
+    return timed(self.run, n)[:2]
+
+  def time_phase(self, phase):
+    return time_phase(self, phase)
 
 
 class Transformers:
@@ -238,6 +248,69 @@ class Transformers:
     self.optimizer.step()
 
 
+def _transformers_worker(connection, config, hf_config_dict, images, text):
+  """Serves a `Transformers` in a process of its own: commands `(method, *args)`."""
+  import torch
+  import transformers
+  impl = Transformers(config, transformers.CLIPConfig(**hf_config_dict), images, text)
+  connection.send({k: v.numpy() for k, v in impl.initial_state.items()})
+  connection.send(f'torch {torch.__version__} threads {torch.get_num_threads()} (interop '
+                  f'{torch.get_num_interop_threads()}), attention '
+                  f'{impl.model.config._attn_implementation or "default (sdpa)"}, '
+                  'glibc malloc defaults')
+  while True:
+    method, *args = connection.recv()
+    if method == 'close':
+      return
+    if method == 'timed_run':
+      connection.send(timed(impl.run, *args)[:2])
+    elif method == 'time_phase':
+      connection.send(time_phase(impl, *args))
+    else:
+      connection.send(getattr(impl, method)(*args))
+
+
+class TransformersProcess:
+  """`Transformers` run in a child process with glibc's default malloc settings.
+
+  `mmjax.xla_flags.tune_malloc` is process-wide; in one process it would change torch's
+  allocator too. The child times its own blocks (its CPU counts as its own, not as another
+  process's), and only one side runs at a time.
+  """
+  name = 'transformers'
+
+  def __init__(self, config, hf_config, images, text):
+    import multiprocessing
+    context = multiprocessing.get_context('spawn')
+    self._connection, child = context.Pipe()
+    self._process = context.Process(
+        target=_transformers_worker, daemon=True,
+        args=(child, config, hf_config.to_dict(), images, text))
+    self._process.start()
+    self.initial_state = self._connection.recv()
+    self.description = self._connection.recv()
+
+  def _call(self, method, *args):
+    self._connection.send((method, *args))
+    return self._connection.recv()
+
+  def compile(self):
+    return self._call('compile')
+
+  def run(self, n):
+    return self._call('run', n)
+
+  def timed_run(self, n):
+    return self._call('timed_run', n)
+
+  def time_phase(self, phase):
+    return self._call('time_phase', phase)
+
+  def close(self):
+    self._connection.send(('close',))
+    self._process.join()
+
+
 # ---------------------------------------------------------------------------------------
 # Timing that notices other processes: the machine is shared, and on 2 cores any other busy
 # process halves what a block gets (torch's OpenMP threads then spin and slow 10-100x).
@@ -267,6 +340,18 @@ def timed(fn, *args):
   return seconds, others, out
 
 
+def time_phase(impl, phase):
+  """`(seconds, others)` of one `phase` of `impl`: 'forward', 'forward_backward', 'update'
+  (clipping + AdamW on fresh gradients) or 'train_step' (one whole step)."""
+  if phase == 'update':
+    grads = impl.forward_backward()
+    return timed(impl.update, grads)[:2]
+  if phase == 'train_step':
+    return timed(impl.run, 1)[:2]
+  getattr(impl, phase)()  # the same again first: caches, allocator
+  return timed(getattr(impl, phase))[:2]
+
+
 def wait_for_quiet(max_load, timeout=1800.0):
   """Sleeps until other processes use < max_load cores over 5 s (or until timeout)."""
   deadline = time.time() + timeout
@@ -292,104 +377,113 @@ def main(argv):
   check_same_architecture(config, hf_config)
   images, text = random_batch(config)
 
-  theirs = Transformers(config, hf_config, images, text)
+  theirs = TransformersProcess(config, hf_config, images, text)
   Ours.hf_config = hf_config
-  ours = Ours(config, images, text,
-              hf_state_dict=theirs.initial_state if _SAME_WEIGHTS.value else None)
+  weights = theirs.initial_state if _SAME_WEIGHTS.value else None
+  impls = [Ours(config, images, text, hf_state_dict=weights,
+               name=f'mmjax (scan_unroll={config.model.scan_unroll})')]
+  if _ROLLED.value and config.model.scan_unroll is not False:
+    rolled = config.copy_and_resolve_references()
+    with rolled.unlocked():
+      rolled.model.scan_unroll = False
+    impls.append(Ours(rolled, images, text, hf_state_dict=weights,
+                      name='mmjax (scan_unroll=False)'))
+  impls.append(theirs)
   from mmjax import sharding
-  with sharding.activate(ours.mesh):  # traces (first calls) need the logical axis rules
-    _bench(config, variant, hf_config, (ours, theirs), settings)
+  try:
+    with sharding.activate(impls[0].mesh):  # traces (first calls) need the logical axis rules
+      _bench(config, variant, impls, settings)
+  finally:
+    theirs.close()
 
 
-def _bench(config, variant, hf_config, impls, settings):
+def _bench(config, variant, impls, settings):
   import jax
   import numpy as np
-  import torch
 
+  names = [impl.name for impl in impls]
   print(f'config {variant}: batch {config.batch_size}, image {config.data.image_size}px '
         f'patch {config.model.image.patch_size}, text length {config.data.max_text_len}, '
         f'vocab {config.model.text.vocab_size}, widths {config.model.image.width}/'
         f'{config.model.text.width}, depths {config.model.image.depth}/'
         f'{config.model.text.depth}, heads {config.model.image.num_heads}/'
-        f'{config.model.text.num_heads}, {config.model.image.activation}', flush=True)
+        f'{config.model.text.num_heads}, {config.model.image.activation}, '
+        f'scan={config.model.scan}', flush=True)
   print(f'mmjax: jax {jax.__version__}, {jax.devices()}, XLA_FLAGS='
-        f'{os.environ.get("XLA_FLAGS", "")!r}, mmjax.xla_flags {settings or "not applied"}; '
-        f'XLA:CPU sizes its own thread pool to the {os.cpu_count()} cores', flush=True)
-  print(f'transformers: torch {torch.__version__} threads {torch.get_num_threads()} '
-        f'(interop {torch.get_num_interop_threads()}), attention '
-        f'{hf_config._attn_implementation or "default (sdpa)"}', flush=True)
+        f'{os.environ.get("XLA_FLAGS", "")!r}, mmjax.xla_flags.apply() -> '
+        f'{settings or "not called"}; XLA:CPU sizes its own thread pool to the '
+        f'{os.cpu_count()} cores', flush=True)
+  print(f'transformers (own process): {impls[-1].description}', flush=True)
 
   start = time.perf_counter()
   losses = {impl.name: impl.compile() for impl in impls}
-  print(f'step-0 loss: mmjax {losses["mmjax"]:.6f}  transformers {losses["transformers"]:.6f}'
+  print('step-0 loss: ' + '  '.join(f'{n} {v:.6f}' for n, v in losses.items()) +
         f'  (first steps incl. compile {time.perf_counter() - start:.1f} s)', flush=True)
-  for impl in impls:
-    losses[impl.name] = impl.run(_WARMUP.value)
-  print(f'loss after {1 + _WARMUP.value} steps: mmjax {losses["mmjax"]:.6f}  transformers '
-        f'{losses["transformers"]:.6f}', flush=True)
+  losses = {impl.name: impl.run(_WARMUP.value) for impl in impls}
+  print(f'loss after {1 + _WARMUP.value} steps: ' +
+        '  '.join(f'{n} {v:.6f}' for n, v in losses.items()), flush=True)
 
   max_load = _MAX_LOAD.value
   deadline = time.time() + 60 * _MAX_MINUTES.value
   steps = _STEPS.value
-  if not steps:  # ~2 s of the slower one per block
+  if not steps:  # ~2 s of the slowest one per block
     wait_for_quiet(max_load, timeout=max(0.0, deadline - time.time()))
-    per_step = max(timed(impl.run, 3)[0] / 3 for impl in impls)
+    per_step = max(impl.timed_run(3)[0] / 3 for impl in impls)
     steps = max(2, int(2.0 / per_step))
-  times = {impl.name: [] for impl in impls}
+  for impl in impls:  # one untimed block each: the first blocks after compiling run slow
+    time.sleep(_SETTLE.value)
+    impl.run(steps)
+  times = {name: [] for name in names}
   dropped = 0
-  block = 0
+  rounds = 0
   while min(len(t) for t in times.values()) < _BLOCKS.value and time.time() < deadline:
-    order = impls if block % 2 == 0 else impls[::-1]
-    block += 1
+    order = impls if rounds % 2 == 0 else impls[::-1]
+    rounds += 1
     results = {}
     for impl in order:
-      seconds, others, _ = timed(impl.run, steps)
-      results[impl.name] = (seconds, others)
+      time.sleep(_SETTLE.value)  # let the previous one's worker threads stop spinning
+      results[impl.name] = impl.timed_run(steps)
     line = '  '.join(f'{name} {config.batch_size * steps / sec:7.1f} ex/s (others {o:.2f})'
                      for name, (sec, o) in results.items())
     if max(o for _, o in results.values()) < max_load:
       for name, (sec, _) in results.items():
         times[name].append(sec)
-      print(f'block {block}: {line}', flush=True)
-    else:  # both blocks of the pair are dropped, so the two keep seeing the same conditions
+      print(f'round {rounds}: {line}', flush=True)
+    else:  # the whole round goes, so that every implementation keeps seeing the same conditions
       dropped += 1
-      print(f'block {block}: {line}  -- dropped, another process was busy', flush=True)
+      print(f'round {rounds}: {line}  -- dropped, another process was busy', flush=True)
       wait_for_quiet(max_load, timeout=max(0.0, deadline - time.time()))
-  if not times['mmjax']:
-    raise SystemExit(f'no quiet block in {_MAX_MINUTES.value} minutes; nothing to report')
+  if not times[names[0]]:
+    raise SystemExit(f'no quiet round in {_MAX_MINUTES.value} minutes; nothing to report')
   rate = {name: config.batch_size * steps / float(np.median(t)) for name, t in times.items()}
 
   if _BREAKDOWN.value:
-    print('\nphase breakdown: median ms per step over 7 quiet samples')
-    print('| phase | mmjax ms | transformers ms | transformers / mmjax |')
-    print('| --- | --- | --- | --- |')
+    print('\nphase breakdown: median ms per step over 7 quiet samples (update = clipping + AdamW)')
+    print('| phase | ' + ' | '.join(f'{n} ms' for n in names) + ' |')
+    print('| --- |' + ' --- |' * len(names))
     for phase in ('forward', 'forward_backward', 'update', 'train_step'):
       row = {}
       for impl in impls:
         samples = []
-        while len(samples) < 7 and time.time() < deadline + 600:
-          if phase == 'update':
-            grads = impl.forward_backward()
-            seconds, others, _ = timed(impl.update, grads)
-          elif phase == 'train_step':
-            seconds, others, _ = timed(impl.run, 1)
-          else:
-            getattr(impl, phase)()  # the same again first: caches, allocator
-            seconds, others, _ = timed(getattr(impl, phase))
+        tries = 0
+        while len(samples) < 7 and tries < 50:
+          tries += 1
+          seconds, others = impl.time_phase(phase)
           if others < max_load:
             samples.append(seconds)
           else:
             wait_for_quiet(max_load, timeout=60)
         row[impl.name] = 1e3 * float(np.median(samples)) if samples else float('nan')
-      print(f'| {phase} | {row["mmjax"]:.2f} | {row["transformers"]:.2f} | '
-            f'{row["transformers"] / row["mmjax"]:.2f} |')
+      print(f'| {phase} | ' + ' | '.join(f'{row[n]:.2f}' for n in names) + ' |')
 
-  print(f'\n{steps} steps per block; {len(times["mmjax"])} quiet blocks each, alternating '
-        f'({dropped} pairs dropped: other processes above {max_load} cores); median block')
-  print('| config | mmjax ex/s | transformers ex/s | ratio |')
-  print('| --- | --- | --- | --- |')
-  print(f'| {variant} | {rate["mmjax"]:.0f} | {rate["transformers"]:.0f} | '
-        f'{rate["mmjax"] / rate["transformers"]:.2f} |')
+  print(f'\n{steps} steps per block; {len(times[names[0]])} quiet rounds, each implementation '
+        f'once per round in alternating order ({dropped} rounds dropped: other processes above '
+        f'{max_load} cores); median block')
+  print('| config | implementation | mmjax ex/s | transformers ex/s | ratio |')
+  print('| --- | --- | --- | --- | --- |')
+  for name in names[:-1]:
+    print(f'| {variant} | {name} | {rate[name]:.0f} | {rate["transformers"]:.0f} | '
+          f'{rate[name] / rate["transformers"]:.2f} |')
   print('\ncommand: ' + ' '.join([os.path.relpath(sys.executable)] + sys.argv), flush=True)
 
 

@@ -3,7 +3,8 @@ r"""What a config's train step costs on a mesh: compile time, memory, FLOPs, com
   python experiments/bench_scale.py --config configs/clip.py:small --devices 8 \
       --config.mesh.data=2 --config.mesh.fsdp=4
   python experiments/bench_scale.py --config configs/clip.py:small --devices 8 \
-      --config.mesh.fsdp=8 --depths 2,24      # compile time against depth (nn.scan)
+      --config.mesh.fsdp=8 --config.model.scan_unroll=False --depths 2,24  # compile time
+                                                              # against depth (nn.scan)
 
 Prints, for the jitted train step of `mmjax.train.Trainer` (the program training runs):
 - compile time (lower + compile), per `--depths` value if given (image and text depth);

@@ -11,6 +11,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -124,6 +125,21 @@ class CheckpointReader:
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
     return restored['state']['params']
+
+  def numpy_params(self, step: int) -> dict:
+    """The whole params tree of checkpoint `step` as host numpy arrays, shapes as saved.
+
+    Needs no model: the tree and shapes come from the checkpoint's metadata. For loading
+    part of a pretrained run into another model (e.g. LLaVA's vision tower from CLIP).
+    """
+    path = os.path.join(self.directory, str(step), 'state')
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = {'params': checkpointer.metadata(path).item_metadata.tree['params']}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        jax.tree.map(lambda m: np.zeros((), m.dtype), metadata),
+        restore_args=jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), metadata),
+        partial_restore=True))
+    return restored['params']
 
   def close(self) -> None:
     self.manager.close()

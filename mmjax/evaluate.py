@@ -29,6 +29,7 @@ from mmjax import distributed
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
+from mmjax import xla_flags
 from mmjax.convert import hf_directory
 from mmjax.tasks import clip as clip_task
 
@@ -128,6 +129,7 @@ def run(workdir: str, *, config=None, step: int | None = None, devices=None, par
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  xla_flags.apply()  # before JAX starts a backend: malloc settings for XLA:CPU steps
   logging.set_verbosity(logging.WARNING)
   distributed.initialize(*(holder.value for holder in _DISTRIBUTED))
   config, params = _CONFIG.value, None

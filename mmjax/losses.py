@@ -59,3 +59,28 @@ def hinge_discriminator_loss(real_logits, fake_logits):
 def hinge_generator_loss(fake_logits):
   """`-mean D(G(x))`: the generator's side of the hinge GAN."""
   return -jnp.mean(fake_logits)
+
+
+# Language-model losses (the decoder families: LLaVA, Flamingo, Chameleon, ...).
+
+def lm_cross_entropy(logits, targets, weights, z_loss: float = 0.0):
+  """Weighted mean next-token cross-entropy plus PaLM's z-loss, in float32.
+
+  `logits [b, l, vocab]`, `targets [b, l]` int, `weights [b, l]` (float or bool; 0 skips a
+  token). Returns `(loss, metrics)`: loss = mean cross-entropy + `z_loss` * mean
+  `logsumexp(logits)^2` over the weighted tokens; metrics 'cross_entropy', 'z_loss' (the
+  term added to the loss), 'token_accuracy' (argmax == target) and 'num_tokens' (sum of
+  weights). All are 0 when every weight is 0.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  total = jnp.sum(weights)
+  weighted_mean = lambda x: jnp.sum(weights * x) / jnp.where(total > 0, total, 1.0)
+  cross_entropy = weighted_mean(log_normalizer - target_logits)
+  z_term = z_loss * weighted_mean(jnp.square(log_normalizer))
+  accuracy = weighted_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
+  metrics = {'cross_entropy': cross_entropy, 'z_loss': z_term, 'token_accuracy': accuracy,
+             'num_tokens': total}
+  return cross_entropy + z_term, metrics

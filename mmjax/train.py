@@ -11,6 +11,7 @@ evaluators.
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -31,6 +32,7 @@ from mmjax import evaluate
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
+from mmjax import xla_flags
 
 
 def learning_rate_schedule(config) -> optax.Schedule:
@@ -42,18 +44,55 @@ def learning_rate_schedule(config) -> optax.Schedule:
       end_value=config.lr * config.schedule.end_lr_fraction)
 
 
+def trainable_mask(config, params):
+  """Whether each param trains under `config.trainable`: a tree of bools over `params`.
+
+  `config.trainable` (absent or None: every param trains) is a regular expression matched
+  with `re.fullmatch` against each param's '/'-joined path in the params tree, e.g.
+  'projector/fc1/kernel' or 'lm/decoder/blocks/attn/query/kernel' (blocks under `nn.scan`
+  are one stacked param); 'projector/.*' trains LLaVA's projector only, '(projector|lm)/.*'
+  also its LM. `params` may hold `nn.LogicallyPartitioned` boxes, one param each. Raises
+  ValueError naming `config.trainable` when the pattern is not a valid regex or matches no
+  param.
+  """
+  pattern = config.get('trainable')
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  paths = jax.tree.map_with_path(
+      lambda path, _: jax.tree_util.keystr(path, simple=True, separator='/'), params,
+      is_leaf=is_box)
+  if pattern is None:
+    return jax.tree.map(lambda _: True, paths)
+  try:
+    regex = re.compile(pattern)
+  except re.error as error:
+    raise ValueError(f'config.trainable={pattern!r} is not a regular expression: {error}')
+  mask = jax.tree.map(lambda path: regex.fullmatch(path) is not None, paths)
+  if not any(jax.tree.leaves(mask)):
+    examples = ', '.join(jax.tree.leaves(paths)[:4])
+    raise ValueError(f'config.trainable={pattern!r} matches no parameter path (paths look '
+                     f'like {examples}, ...); it must fullmatch at least one')
+  return mask
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW; no weight decay on vectors and scalars.
 
   `config.adam.mu_dtype='bfloat16'` keeps the first moment in bfloat16 (the second stays
-  float32, as do the parameters).
+  float32, as do the parameters). Params that `config.trainable` leaves out (see
+  `trainable_mask`) are frozen: their updates are exactly zero, they have no optimizer
+  state (`optax.MaskedNode`) and no weight decay, and the clipping norm leaves them out.
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(
+  optimizer = optax.chain(
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam.b1, b2=config.adam.b2,
                   eps=config.adam.eps, weight_decay=config.wd, mask=decay_mask,
                   mu_dtype=config.adam.get('mu_dtype')))
+  if config.get('trainable') is None:
+    return optimizer
+  labels = lambda params: jax.tree.map(lambda trains: 'trainable' if trains else 'frozen',
+                                       trainable_mask(config, params))
+  return optax.multi_transform({'trainable': optimizer, 'frozen': optax.set_to_zero()}, labels)
 
 
 class Trainer:
@@ -88,6 +127,31 @@ class Trainer:
     self.gradients = jax.jit(
         self._gradients, in_shardings=(params_shardings, self.batch_sharding, replicated),
         out_shardings=(replicated, replicated, params_shardings))
+
+  def load_pretrained(self, state):
+    """Fresh `state` with the task's pretrained param subtrees put in
+    (`Task.pretrained_params`), placed on the params' shardings; shapes must match."""
+    params = dict(state['params'])
+    for name, subtree in self.task.pretrained_params().items():
+      if name not in params:
+        raise ValueError(f'pretrained params {name!r}: the model has no such part (it has '
+                         f'{sorted(params)})')
+      expected = dict(jax.tree_util.tree_leaves_with_path(params[name]))
+      loaded = dict(jax.tree_util.tree_leaves_with_path(subtree))
+      for path in expected.keys() | loaded.keys():
+        where = name + jax.tree_util.keystr(path)
+        if path not in loaded or path not in expected:
+          raise ValueError(f'pretrained params: {where} is '
+                           + ('missing' if path not in loaded else 'not in the model'))
+        if tuple(expected[path].shape) != tuple(loaded[path].shape):
+          raise ValueError(f'pretrained params: {where} has shape {loaded[path].shape}, the '
+                           f'model wants {expected[path].shape}')
+      shardings = self.state_shardings['params'][name]
+      params[name] = jax.tree.map(
+          lambda value, like, where: jax.make_array_from_callback(
+              like.shape, where, lambda index, v=np.asarray(value, like.dtype): v[index]),
+          subtree, params[name], shardings)
+    return dict(state, params=params)
 
   def _init_boxed_state(self, rng):
     init_rng, train_rng = jax.random.split(rng)
@@ -130,7 +194,10 @@ class Trainer:
     params = optax.apply_updates(state['params'], updates)
     # Non-gradient updates the task computed in its loss (e.g. EMA codebooks); default none.
     params, metrics = self.task.update_params(params, metrics)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+    # Frozen params' gradients stay out of the norm, so XLA need not compute them.
+    trainable_grads = [grad for grad, trains in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(trainable_mask(self.config, grads))) if trains]
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(trainable_grads),
                    learning_rate=self.schedule(state['step']))
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1,
                  'rng': state['rng']}
@@ -176,7 +243,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
         os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is None:
-      state = trainer.init_state(jax.random.PRNGKey(config.seed))
+      state = trainer.load_pretrained(trainer.init_state(jax.random.PRNGKey(config.seed)))
       start = 0
     else:
       state = checkpointer.restore(start, trainer.abstract_state, data)
@@ -288,7 +355,8 @@ def _duration(seconds: float) -> str:
 
 
 def _print_eval(step: int, metrics: dict[str, float]) -> None:
-  suffixes = ('top1', 'top5', 'R@1', 'R@5', 'psnr', 'ssim', 'codebook_usage')
+  suffixes = ('top1', 'top5', 'R@1', 'R@5', 'psnr', 'ssim', 'codebook_usage', 'exact_match',
+              'cider', 'bleu4')
   shown = {k: v for k, v in metrics.items() if k.endswith(suffixes)}
   print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.3f}' for k, v in sorted(shown.items())),
         flush=True)
@@ -297,6 +365,7 @@ def _print_eval(step: int, metrics: dict[str, float]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  xla_flags.apply()  # before JAX starts a backend: malloc settings for XLA:CPU steps
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   distributed.initialize(*(holder.value for holder in _DISTRIBUTED))
   run(_CONFIG.value, _WORKDIR.value)

@@ -7,7 +7,9 @@ installed, `noto` (fonts-noto-color-emoji) and `emojione` (ruby-gemojione). Name
 skin-tone variants, kept only if drawn in at least two styles.
 
 Each example: `image` uint8 [64, 64, 3] (glyph cropped to its bounding box on white, padded to
-a square), `label` int64 (index into the sorted list of all names), `name`, `style`.
+a square), `label` int64 (index into the sorted list of all names), `name`, `style`. A name's
+Unicode group ('smileys & emotion', ...) is not stored: `name_groups()` reads it from
+`emoji-test.txt` when needed.
 Splits hold out one style (`noto` if installed, else `openmoji_mono`) and a seeded 20% of the
 names drawn in it ("unseen"): `train` = other styles x seen names, `test_seen` = held-out style
 x seen names, `test_unseen` = held-out style x unseen names. `info.metadata` stores `names`
@@ -58,6 +60,28 @@ def official_names() -> dict[str, str]:
     names = {e: d['en'].strip(':').replace('_', ' ') for e, d in emoji_lib.EMOJI_DATA.items()
              if d['status'] == emoji_lib.STATUS['fully_qualified']}
   return {e: n for e, n in names.items() if not _has_skin_tone(e)}
+
+
+def name_groups() -> dict[str, str]:
+  """Returns {official name: its group, lower-cased} from `emoji-test.txt`, e.g.
+  {'grinning face': 'smileys & emotion', ...}; the names of `official_names()` fall in 9
+  groups ('component', the 10th, holds only skin tones and hair styles).
+
+  Raises FileNotFoundError, naming the apt package unicode-data, when the file is missing
+  (the `emoji` pip package has no groups).
+  """
+  if not os.path.exists(EMOJI_TEST):
+    raise FileNotFoundError(f'{EMOJI_TEST} not found: install the apt package unicode-data '
+                            f'for the emoji groups')
+  pattern = re.compile(r'^[0-9A-F ]+?\s*; [\w-]+\s*# \S+ E\d+\.\d+ (.+)$')
+  groups, group = {}, None
+  with open(EMOJI_TEST, encoding='utf-8') as f:
+    for line in f:
+      if line.startswith('# group: '):
+        group = line[len('# group: '):].strip().lower()
+      elif m := pattern.match(line):
+        groups[m.group(1)] = group
+  return groups
 
 
 def _to_square(rgba: Image.Image) -> np.ndarray | None:

@@ -8,6 +8,7 @@ name prefixes its metrics (`zeroshot/heldout_style/seen/top1`). A family adds it
 evaluators by adding builders here.
 """
 
+from mmjax.evals import captioning
 from mmjax.evals import dual_encoder
 from mmjax.evals import reconstruction
 
@@ -15,6 +16,8 @@ BUILDERS = {
     'zeroshot': dual_encoder.zeroshot_from_config,
     'retrieval': dual_encoder.retrieval_from_config,
     'reconstruction': reconstruction.reconstruction_from_config,
+    'qa': captioning.qa_from_config,
+    'captioning': captioning.captioning_from_config,
 }
 
 

@@ -56,6 +56,7 @@ class TextTower(nn.Module):
   causal: bool = True
   pool: str = 'eot'
   scan: bool = True
+  scan_unroll: int | bool = 1  # `layers.Transformer.scan_unroll`
   remat: bool | str = False  # a `layers.REMAT_POLICIES` name, or True (full) / False
   dtype: jnp.dtype = jnp.float32
 
@@ -81,7 +82,8 @@ class TextTower(nn.Module):
     tokens = layers.Transformer(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=int(self.width * self.mlp_ratio),
         causal=self.causal, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
-        scan=self.scan, remat=self.remat, dtype=self.dtype, name='transformer')(x)
+        scan=self.scan, scan_unroll=self.scan_unroll, remat=self.remat, dtype=self.dtype,
+        name='transformer')(x)
     tokens = layers.layer_norm(self.layer_norm_eps, name='ln_final')(tokens)
     if self.pool == 'last':
       pooled = tokens[:, -1]

@@ -1,4 +1,4 @@
-"""Transformer layers shared by every family: attention, MLP, pre-LN block, stack.
+"""Transformer layers shared by every family: attention, MLPs, norms, pre-LN block, stack.
 
 Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `layers`)
 that `mmjax.sharding.LOGICAL_AXIS_RULES` maps onto the mesh. Activations are
@@ -35,6 +35,7 @@ ACTIVATIONS: dict[str, Callable] = {
     'gelu': gelu,
     'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
     'quick_gelu': quick_gelu,
+    'silu': jax.nn.silu,
 }
 
 
@@ -81,48 +82,139 @@ def layer_norm(eps: float, name=None):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))
 
 
-def causal_mask(length: int) -> jax.Array:
-  """`[1, 1, length, length]` boolean mask: query i sees keys 0..i."""
-  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis (Llama): `x / rms(x) * scale`, in float32.
+
+  `[..., width]` -> `[..., width]` in `dtype`; no mean subtraction, no bias.
+  """
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ('embed',)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * scale).astype(self.dtype)
+
+
+def apply_rotary(x, positions, theta: float):
+  """Rotary position embedding, Hugging Face Llama's "rotate half" layout.
+
+  `x [batch, length, heads, head_dim]`, `positions [batch, length]` int -> same shape and
+  dtype as x. Channel i of the first half and channel i of the second half form the pair
+  rotated by the angle `position * theta ** (-2i / head_dim)` (computed in float32).
+  """
+  head_dim = x.shape[-1]
+  inverse_frequencies = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * inverse_frequencies  # [b, l, head_dim/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  first, second = jnp.split(x32, 2, axis=-1)
+  rotated_half = jnp.concatenate([-second, first], axis=-1)
+  return (x32 * jnp.cos(angles) + rotated_half * jnp.sin(angles)).astype(x.dtype)
+
+
+def causal_mask(length: int, keys: int | None = None, first_slot=0) -> jax.Array:
+  """`[1, 1, length, keys]` boolean mask (keys default: length): query i, in slot
+  `first_slot + i` (an int or int32 scalar, e.g. a KV cache index), sees key slots up to its own.
+  """
+  query_slots = first_slot + jnp.arange(length)
+  key_slots = jnp.arange(length if keys is None else keys)
+  return (key_slots[None, :] <= query_slots[:, None])[None, None]
 
 
 class Attention(nn.Module):
-  """Multi-head dot-product attention: self-attention, or cross-attention to `context`.
+  """Multi-head or grouped-query dot-product attention; self-attention or cross-attention.
 
   `x [batch, length, width]` -> `[batch, length, width]`. Queries come from `x`; keys and
   values from `context [batch, context_length, width]` when given (cross-attention, which
   cannot be `causal`), else from `x`. `mask` is boolean, broadcastable to
-  `[batch, heads, length, context_length]`, True where a query may attend to a key.
+  `[batch, heads, length, keys]`, True where a query may attend to a key; `kv_mask
+  [batch, keys]` is True for real keys (False: padding).
+
+  `num_kv_heads` < `num_heads` shares each key/value head among `num_heads / num_kv_heads`
+  query heads (GQA; query head h reads key/value head h // group, as HF's `repeat_kv`).
+  `rope_theta` rotates queries and keys by `positions [batch, length]` (`apply_rotary`;
+  default `arange(length)`, offset by `cache_index` with a cache).
+
+  KV cache (causal self-attention only): `cache = {'key', 'value'}`, each
+  `[batch, max_len, num_kv_heads, head_dim]`; this call's keys and values are written at
+  slots `cache_index ...` and its queries attend to every slot up to their own
+  (`keys = max_len`). Then the call returns `(output, new_cache)` instead of `output`.
   """
   num_heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  use_bias: bool = True
+  rope_theta: float | None = None
 
   @nn.compact
-  def __call__(self, x, mask=None, context=None):
+  def __call__(self, x, mask=None, context=None, *, positions=None, kv_mask=None, cache=None,
+               cache_index=None):
     width = x.shape[-1]
-    if width % self.num_heads:
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    if self.head_dim is None and width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
-    if self.causal and context is not None:
-      raise ValueError('causal attention needs keys from x itself, not from a context')
+    if self.num_heads % num_kv_heads:
+      raise ValueError(f'num_heads {self.num_heads} is not a multiple of num_kv_heads '
+                       f'{num_kv_heads}')
+    if context is not None and (self.causal or self.rope_theta is not None or cache is not None):
+      raise ValueError('causal attention, rotary positions and the KV cache need keys from x '
+                       'itself, not from a context')
+    if cache is not None and not self.causal:
+      raise ValueError('the KV cache is for causal self-attention')
     context = x if context is None else context
-    head_dim = width // self.num_heads
-    project_in = lambda name: Dense(
-        (self.num_heads, head_dim), ('embed', 'heads', 'kv'), dtype=self.dtype, name=name)
-    q, k, v = project_in('query')(x), project_in('key')(context), project_in('value')(context)
-    q = nn.with_logical_constraint(q, ('act_batch', 'act_length', 'act_heads', None))
-    k = nn.with_logical_constraint(k, ('act_batch', 'act_length', 'act_heads', None))
-    v = nn.with_logical_constraint(v, ('act_batch', 'act_length', 'act_heads', None))
+    head_dim = self.head_dim or width // self.num_heads
+    project_in = lambda heads, name: Dense(
+        (heads, head_dim), ('embed', 'heads', 'kv'), use_bias=self.use_bias, dtype=self.dtype,
+        name=name)
+    q = project_in(self.num_heads, 'query')(x)
+    k = project_in(num_kv_heads, 'key')(context)
+    v = project_in(num_kv_heads, 'value')(context)
+    heads_axes = ('act_batch', 'act_length', 'act_heads', None)
+    q = nn.with_logical_constraint(q, heads_axes)
+    k = nn.with_logical_constraint(k, heads_axes)
+    v = nn.with_logical_constraint(v, heads_axes)
 
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+    first_slot = 0 if cache is None else cache_index
+    if self.rope_theta is not None:
+      if positions is None:
+        positions = first_slot + jnp.arange(x.shape[1])[None]
+      q = apply_rotary(q, positions, self.rope_theta)
+      k = apply_rotary(k, positions, self.rope_theta)
+    if cache is not None:
+      write = lambda stored, new: nn.with_logical_constraint(
+          jax.lax.dynamic_update_slice_in_dim(stored, new.astype(stored.dtype), first_slot, 1),
+          heads_axes)
+      cache = {'key': write(cache['key'], k), 'value': write(cache['value'], v)}
+      k, v = cache['key'].astype(self.dtype), cache['value'].astype(self.dtype)
+
     if self.causal:
-      mask = causal_mask(x.shape[1]) if mask is None else mask & causal_mask(x.shape[1])
+      sees = causal_mask(x.shape[1], k.shape[1], first_slot)
+      mask = sees if mask is None else mask & sees
+    if kv_mask is not None:
+      mask = kv_mask[:, None, None, :] if mask is None else mask & kv_mask[:, None, None, :]
+
+    batch, length, keys = x.shape[0], x.shape[1], k.shape[1]
+    groups = self.num_heads // num_kv_heads
+    q = q.reshape(batch, length, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
+    logits = logits.reshape(batch, self.num_heads, length, keys)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-    out = nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_heads', None))
-    return Dense(width, ('heads', 'kv', 'embed'), in_dims=2, dtype=self.dtype, name='out')(out)
+    weights = weights.reshape(batch, num_kv_heads, groups, length, keys)
+    out = jnp.einsum('bkgqs,bskd->bqkgd', weights, v).reshape(batch, length, self.num_heads,
+                                                              head_dim)
+    out = nn.with_logical_constraint(out, heads_axes)
+    out = Dense(width, ('heads', 'kv', 'embed'), in_dims=2, use_bias=self.use_bias,
+                dtype=self.dtype, name='out')(out)
+    return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -138,6 +230,25 @@ class Mlp(nn.Module):
     h = nn.with_logical_constraint(h, ('act_batch', 'act_length', 'act_mlp'))
     h = ACTIVATIONS[self.activation](h)
     return Dense(width, ('mlp', 'embed'), dtype=self.dtype, name='fc_out')(h)
+
+
+class GatedMlp(nn.Module):
+  """Gated MLP without biases (SwiGLU for 'silu'): `down(activation(gate(x)) * up(x))`.
+
+  `[..., width]` -> `[..., width]` through `hidden` units.
+  """
+  hidden: int
+  activation: str = 'silu'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    project_in = lambda name: Dense(self.hidden, ('embed', 'mlp'), use_bias=False,
+                                    dtype=self.dtype, name=name)
+    h = ACTIVATIONS[self.activation](project_in('gate')(x)) * project_in('up')(x)
+    h = nn.with_logical_constraint(h, ('act_batch', 'act_length', 'act_mlp'))
+    return Dense(width, ('mlp', 'embed'), use_bias=False, dtype=self.dtype, name='down')(h)
 
 
 class TransformerBlock(nn.Module):
@@ -172,6 +283,16 @@ REMAT_POLICIES = {
 }
 
 
+def remat_block(block: type[nn.Module], remat: bool | str, scan: bool) -> type[nn.Module]:
+  """`block` wrapped in `nn.remat` with the policy `remat` names (True: 'full', False: 'none')."""
+  policy_name = {False: 'none', True: 'full'}.get(remat, remat)
+  if policy_name not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}; use one of {sorted(REMAT_POLICIES)}')
+  if policy_name == 'none':
+    return block
+  return nn.remat(block, prevent_cse=not scan, policy=REMAT_POLICIES[policy_name])
+
+
 class Transformer(nn.Module):
   """`depth` TransformerBlocks: `[batch, length, width]` -> same shape.
 
@@ -202,12 +323,7 @@ class Transformer(nn.Module):
     block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
                         activation=self.activation, layer_norm_eps=self.layer_norm_eps,
                         dtype=self.dtype)
-    block = TransformerBlock
-    policy_name = {False: 'none', True: 'full'}.get(self.remat, self.remat)
-    if policy_name not in REMAT_POLICIES:
-      raise ValueError(f'remat={self.remat!r}; use one of {sorted(REMAT_POLICIES)}')
-    if policy_name != 'none':
-      block = nn.remat(block, prevent_cse=not self.scan, policy=REMAT_POLICIES[policy_name])
+    block = remat_block(TransformerBlock, self.remat, self.scan)
     if self.scan:
       stack = nn.scan(
           block, variable_axes={'params': 0}, split_rngs={'params': True},

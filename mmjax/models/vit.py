@@ -47,7 +47,8 @@ class ViT(nn.Module):
   `tokens` are the last block's outputs (before `ln_post`), `n = patches + class_token`,
   class token first. `pooled` depends on `pool`:
     'cls': `ln_post` of the class token (needs `class_token=True`), as CLIP;
-    'map': `MAPHead` (param `map_head`) over `ln_post` of every token, as SigLIP.
+    'map': `MAPHead` (param `map_head`) over `ln_post` of every token, as SigLIP;
+    'none': None, and no `ln_post` or head params (a feature extractor, as LLaVA's).
   Architecture options (defaults give the CLIP layout and its param tree):
     patch_bias   the patchify convolution has a bias (`patch_embed/bias`).
     class_token  prepend a learned class token (`class_token`, `[width]`).
@@ -65,13 +66,14 @@ class ViT(nn.Module):
   ln_pre: bool = True
   pool: str = 'cls'
   scan: bool = True
+  scan_unroll: int | bool = 1  # `layers.Transformer.scan_unroll`
   remat: bool | str = False  # a `layers.REMAT_POLICIES` name, or True (full) / False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, images):
-    if self.pool not in ('cls', 'map'):
-      raise ValueError(f"pool must be 'cls' or 'map', got {self.pool!r}")
+    if self.pool not in ('cls', 'map', 'none'):
+      raise ValueError(f"pool must be 'cls', 'map' or 'none', got {self.pool!r}")
     if self.pool == 'cls' and not self.class_token:
       raise ValueError("pool='cls' needs class_token=True")
     batch, height, width, _ = images.shape
@@ -105,7 +107,10 @@ class ViT(nn.Module):
     tokens = layers.Transformer(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=mlp_dim,
         activation=self.activation, layer_norm_eps=self.layer_norm_eps, scan=self.scan,
-        remat=self.remat, dtype=self.dtype, name='transformer')(x)
+        scan_unroll=self.scan_unroll, remat=self.remat, dtype=self.dtype,
+        name='transformer')(x)
+    if self.pool == 'none':
+      return None, tokens
     ln_post = layers.layer_norm(self.layer_norm_eps, name='ln_post')
     if self.pool == 'cls':
       pooled = ln_post(tokens[:, 0])

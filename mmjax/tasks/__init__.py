@@ -2,9 +2,10 @@
 
 from mmjax.tasks.base import Task
 from mmjax.tasks.clip import ClipTask
+from mmjax.tasks.llava import LlavaTask
 from mmjax.tasks.vq import VQTask
 
-TASKS = {'clip': ClipTask, 'vq': VQTask}
+TASKS = {'clip': ClipTask, 'llava': LlavaTask, 'vq': VQTask}
 
 
 def get_task(config) -> Task:

@@ -57,6 +57,15 @@ class Task(abc.ABC):
     """
     return params, aux
 
+  def pretrained_params(self) -> dict:
+    """Top-level param subtrees to load into fresh params, `{name: tree of arrays}` whose
+    names and shapes match `init`'s (e.g. LLaVA's `vision_tower` from a CLIP run).
+
+    The Trainer calls it once, when training starts from scratch (never on resume).
+    Default: none.
+    """
+    return {}
+
   @classmethod
   def validate_config(cls, config) -> None:
     """Raises ValueError naming the key of a setting of this family's config that cannot

@@ -16,7 +16,8 @@ from mmjax.tasks.base import Task
 def build_model(config) -> CLIP:
   """The dual encoder described by `config.model` (compute in `config.compute_dtype`)."""
   model_config = config.model
-  tower_options = dict(scan=model_config.scan, remat=model_config.remat)
+  tower_options = dict(scan=model_config.scan, scan_unroll=model_config.scan_unroll,
+                       remat=model_config.remat)
   return CLIP(
       image=dict(model_config.image, **tower_options),
       text=dict(model_config.text, **tower_options),

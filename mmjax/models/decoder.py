@@ -1,0 +1,175 @@
+"""Decoder-only language model of the Llama family: the LM under LLaVA, Flamingo, Chameleon.
+
+Pre-norm blocks `x + attn(rms_norm(x))`, `x + swiglu(rms_norm(x))` with rotary positions
+and grouped-query attention, a final RMSNorm and an `lm_head` (or the token embedding,
+tied). Matches Hugging Face `LlamaForCausalLM` (`mmjax.convert.hf_llama`).
+
+    lm = DecoderLM(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=8,
+                   mlp_dim=14336)
+    logits, _ = lm.apply({'params': params}, tokens)              # [b, l, vocab] float32
+    cache = init_cache(lm, batch, max_len)
+    logits, cache = lm.apply({'params': params}, prompt, cache=cache, cache_index=0)
+    logits, cache = lm.apply({'params': params}, next_tokens, cache=cache,
+                             cache_index=prompt.shape[1])
+
+A parent module calls `self.lm.embed(tokens)` and `self.lm(embeddings=...)` to splice
+other modalities into the embedded sequence (LLaVA).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+# Logical axes of a cache array `[depth, batch, max_len, num_kv_heads, head_dim]`.
+CACHE_AXES = ('layers', 'act_batch', 'act_length', 'act_heads', None)
+
+
+class DecoderBlock(nn.Module):
+  """`x + attn(rms_norm(x))`, then `x + swiglu(rms_norm(x))`; x is `[batch, length, width]`.
+
+  Returns `(x, new_cache)` (new_cache None without a cache) so that `nn.scan` can stack it.
+  """
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  attention_bias: bool = False
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, kv_mask, cache, cache_index):
+    constrain = lambda y: nn.with_logical_constraint(y, ('act_batch', 'act_length', 'act_embed'))
+    x = constrain(x)
+    attention = layers.Attention(
+        self.num_heads, causal=True, dtype=self.dtype, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, use_bias=self.attention_bias, rope_theta=self.rope_theta,
+        name='attn')
+    h = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_attn')(x)
+    h = attention(h, positions=positions, kv_mask=kv_mask, cache=cache, cache_index=cache_index)
+    if cache is not None:
+      h, cache = h
+    x = constrain(x + h)
+    h = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_mlp')(x)
+    x = constrain(x + layers.GatedMlp(self.mlp_dim, 'silu', self.dtype, name='mlp')(h))
+    return x, cache
+
+
+class DecoderStack(nn.Module):
+  """`depth` DecoderBlocks: `[batch, length, width]` -> (same shape, new cache or None).
+
+  `scan=True` stacks the block parameters on a leading `layers` axis (`blocks`), else they
+  are `block_{i}`; the cache has a leading `depth` axis either way.
+  """
+  depth: int
+  block: dict
+  scan: bool = True
+  remat: bool | str = False
+
+  @nn.compact
+  def __call__(self, x, positions, kv_mask, cache, cache_index):
+    block = layers.remat_block(DecoderBlock, self.remat, self.scan)
+    if self.scan:
+      stack = nn.scan(
+          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, cache = stack(name='blocks', **self.block)(x, positions, kv_mask, cache, cache_index)
+    else:
+      layer_caches = []
+      for i in range(self.depth):
+        layer_cache = None if cache is None else {name: c[i] for name, c in cache.items()}
+        x, layer_cache = block(name=f'block_{i}', **self.block)(
+            x, positions, kv_mask, layer_cache, cache_index)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = {name: jnp.stack([c[name] for c in layer_caches]) for name in cache}
+    if cache is not None:
+      cache = {name: nn.with_logical_constraint(c, CACHE_AXES) for name, c in cache.items()}
+    return x, cache
+
+
+class DecoderLM(nn.Module):
+  """Token ids or embeddings `[batch, length]` -> next-token logits `[batch, length, vocab]`.
+
+  `head_dim` defaults to `width // num_heads`; `tie_embeddings` computes the logits with
+  the token embedding table instead of an `lm_head`; `attention_bias` gives the query,
+  key, value and output projections biases. `remat` is a `layers.REMAT_POLICIES` name, or
+  True (full) / False.
+  """
+  vocab_size: int
+  width: int
+  depth: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  scan: bool = True
+  remat: bool | str = False
+  dtype: layers.Dtype = jnp.float32
+  attention_bias: bool = False
+
+  def setup(self):
+    self.token_embed = self.param(
+        'token_embed',
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')),
+        (self.vocab_size, self.width), jnp.float32)
+    block = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim,
+                 head_dim=self.head_dim, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+                 attention_bias=self.attention_bias, dtype=self.dtype)
+    self.decoder = DecoderStack(self.depth, block, self.scan, self.remat)
+    self.ln_final = layers.RMSNorm(self.norm_eps, self.dtype)
+    if not self.tie_embeddings:
+      self.lm_head = layers.Dense(self.vocab_size, ('embed', 'vocab'), use_bias=False,
+                                  kernel_init=nn.initializers.lecun_normal, dtype=self.dtype)
+
+  def embed(self, tokens):
+    """`[batch, length]` int -> `[batch, length, width]` in `dtype`."""
+    # Gather the (possibly sharded) table before the lookup, as FSDP does for every weight.
+    table = nn.with_logical_constraint(self.token_embed, (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
+
+  def __call__(self, tokens=None, *, embeddings=None, positions=None, kv_mask=None, cache=None,
+               cache_index=None):
+    """Exactly one of `tokens [b, l]` / `embeddings [b, l, width]` -> (logits, new cache).
+
+    `positions [b, l]` int feed the rotary embedding (default `arange(l)` per row, offset
+    by `cache_index` with a cache). `kv_mask [b, keys]` is True for real keys (False:
+    padding), `keys = l` without a cache and `max_len` with one; default all True.
+    Causal: the query in slot s sees key slots <= s, where s = j without a cache and
+    `cache_index + j` with one. `cache` is None or `init_cache(...)`'s dict; `cache_index`
+    an int32 scalar, the slot of this call's first token (`cache_index + l <= max_len`:
+    XLA clamps a write past the end). Returns (logits `[b, l, vocab]` float32, the
+    updated cache or None).
+    """
+    if (tokens is None) == (embeddings is None):
+      raise ValueError('pass exactly one of tokens and embeddings')
+    if (cache is None) != (cache_index is None):
+      raise ValueError('pass cache and cache_index together')
+    x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+    if positions is None:
+      first_slot = 0 if cache is None else cache_index
+      positions = jnp.broadcast_to(first_slot + jnp.arange(x.shape[1]), x.shape[:2])
+    x, cache = self.decoder(x, positions, kv_mask, cache, cache_index)
+    x = self.ln_final(x)
+    if self.tie_embeddings:
+      logits = jnp.einsum('ble,ve->blv', x, self.token_embed.astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ('act_batch', 'act_length', None))
+    return logits, cache
+
+
+def init_cache(lm: DecoderLM, batch: int, max_len: int, dtype=None) -> dict:
+  """Zeros `{'key', 'value'}`, each `[depth, batch, max_len, num_kv_heads, head_dim]`."""
+  head_dim = lm.head_dim or lm.width // lm.num_heads
+  shape = (lm.depth, batch, max_len, lm.num_kv_heads, head_dim)
+  dtype = lm.dtype if dtype is None else dtype
+  return {'key': jnp.zeros(shape, dtype), 'value': jnp.zeros(shape, dtype)}

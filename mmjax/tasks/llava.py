@@ -1,0 +1,163 @@
+"""LLaVA task: answer questions about images with a decoder LM that reads projected features.
+
+Rows `[BOS] [IMAGE]*n 'question: <q> answer: ' <answer> [EOS]` (`mmjax.data.instruct`); the
+image-token positions receive the projected vision features (`mmjax.models.llava`) and the
+loss is next-token cross-entropy on the answer tokens only. `config.text_only` trains the
+same decoder on the same rows without image tokens: the baseline that shows what the
+image adds. Which params train is `config.trainable` (stage 1: the projector, stage 2:
+projector + LM; `configs/llava.py`). Evaluation generates greedy answers with the KV-cache
+decoder (`mmjax.generate`) and scores them (`mmjax.evals.captioning`).
+
+Params: `{'vision_tower', 'projector', 'lm'}`, or `{'lm'}` with `text_only`, so an LM trained
+text-only loads into LLaVA by name (`config.init.lm_from`).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mmjax import checkpoint
+from mmjax import config_lib
+from mmjax import evals
+from mmjax import generate
+from mmjax import losses
+from mmjax.data import instruct
+from mmjax.models.decoder import DecoderLM
+from mmjax.models.llava import LLaVA, PROJECTOR_KINDS
+from mmjax.tasks.base import Task
+
+
+def build_model(config) -> LLaVA:
+  model = config.model
+  return LLaVA(vision=dict(model.vision), language_model=dict(model.language_model),
+               image_token_id=model.image_token_id, projector_kind=model.projector_kind,
+               projector_bias=model.projector_bias, dtype=jnp.dtype(config.compute_dtype))
+
+
+def build_lm(config) -> DecoderLM:
+  return DecoderLM(**config.model.language_model, dtype=jnp.dtype(config.compute_dtype))
+
+
+def newest_params(workdir: str) -> dict:
+  """The params of the newest checkpoint in `workdir` (a training run of ours), as numpy."""
+  reader = checkpoint.CheckpointReader(f'{workdir}/checkpoints')
+  try:
+    return reader.numpy_params(reader.resolve_step(None))
+  finally:
+    reader.close()
+
+
+class LlavaTask(Task):
+  """Images + questions -> answers; loss on answer tokens."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.text_only = config.text_only
+    self.model = None if self.text_only else build_model(config)
+    self.lm = build_lm(config)
+    self.tokenizer = instruct.ByteLMTokenizer()
+    self.data_dir = config_lib.data_dir(config)
+    self.kinds = instruct.select_kinds(config.data.weights)
+    instruct.build(self.data_dir, self.kinds)
+
+  @classmethod
+  def validate_config(cls, config):
+    data, model = config.data, config.model
+    lm = model.language_model
+    if lm.vocab_size < instruct.VOCAB_SIZE:
+      raise ValueError(f'config.model.language_model.vocab_size={lm.vocab_size} is smaller '
+                       f'than the tokenizer vocabulary ({instruct.VOCAB_SIZE})')
+    if model.image_token_id != instruct.IMAGE_ID:
+      raise ValueError(f'config.model.image_token_id={model.image_token_id} must be the '
+                       f'tokenizer image id {instruct.IMAGE_ID}')
+    if lm.num_heads % lm.num_kv_heads:
+      raise ValueError(f'config.model.language_model.num_heads={lm.num_heads} is not a '
+                       f'multiple of num_kv_heads={lm.num_kv_heads}')
+    if model.projector_kind not in PROJECTOR_KINDS:
+      raise ValueError(f'config.model.projector_kind={model.projector_kind!r}; use one of '
+                       f'{PROJECTOR_KINDS}')
+    if data.image_size % model.vision.patch_size:
+      raise ValueError(f'config.data.image_size={data.image_size} is not divisible by '
+                       f'config.model.vision.patch_size={model.vision.patch_size}')
+    patches = 0 if config.text_only else (data.image_size // model.vision.patch_size) ** 2
+    if data.num_image_tokens != patches:
+      raise ValueError(f'config.data.num_image_tokens={data.num_image_tokens} must be '
+                       f'{patches} (' + ('text_only' if config.text_only else
+                                         '(image_size / patch_size)**2') + ')')
+    if config.text_only and (config.init.vision_from or config.init.params_from):
+      raise ValueError('config.text_only has no vision tower: config.init.vision_from and '
+                       'config.init.params_from must be empty')
+
+  def batch_spec(self, batch_size):
+    size, length = self.config.data.image_size, self.config.data.max_len
+    rows = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            'tokens': rows, 'targets': rows,
+            'loss_weights': jax.ShapeDtypeStruct((batch_size, length), jnp.float32)}
+
+  def init(self, rng):
+    spec = self.batch_spec(1)
+    tokens = jnp.zeros(spec['tokens'].shape, jnp.int32)
+    if self.text_only:
+      return {'lm': self.lm.init(rng, tokens)['params']}
+    images = jnp.zeros(spec['image'].shape, jnp.float32)
+    return self.model.init(rng, images, tokens)['params']
+
+  def logits(self, params, batch):
+    """`[batch, length, vocab]` next-token logits of the training rows."""
+    if self.text_only:
+      logits, _ = self.lm.apply({'params': params['lm']}, batch['tokens'])
+      return logits
+    return self.model.apply({'params': params}, batch['image'], batch['tokens'])
+
+  def loss(self, params, batch, rng):
+    del rng  # no dropout
+    return losses.lm_cross_entropy(self.logits(params, batch), batch['targets'],
+                                   batch['loss_weights'], z_loss=self.config.loss.z_loss)
+
+  def train_iterator(self, *, process_index, process_count):
+    data = self.config.data
+    return instruct.train_iterator(
+        self.data_dir, tokenizer=self.tokenizer, weights=dict(data.weights),
+        num_image_tokens=data.num_image_tokens, max_len=data.max_len,
+        image_size=data.image_size, global_batch_size=self.config.batch_size,
+        seed=self.config.seed, process_index=process_index, process_count=process_count,
+        worker_count=data.worker_count, augment=data.augment)
+
+  def evaluators(self, mesh):
+    return evals.build(self.config.evals, self, mesh)
+
+  def answer_fn(self, mesh):
+    """`(params, batch) -> int32 [b, max_new_tokens]` greedy answers to left-padded prompts
+    (`batch`: image, prompt_tokens, prompt_mask); pad (0) after EOS."""
+    del mesh  # generate shards like training under the caller's mesh
+    max_new_tokens = self.config.generation.max_new_tokens
+
+    def answer(params, batch):
+      if self.text_only:
+        prompt = dict(prompt_tokens=batch['prompt_tokens'])
+      else:
+        prompt = dict(prompt_embeddings=self.model.apply(
+            {'params': params}, batch['prompt_tokens'], batch['image'],
+            method=self.model.embed_inputs))
+      return generate.generate(
+          self.lm, {'params': params['lm']}, prompt_mask=batch['prompt_mask'],
+          max_new_tokens=max_new_tokens, stop_tokens=(self.tokenizer.eos_id,),
+          pad_id=self.tokenizer.pad_id, **prompt)['tokens']
+
+    return answer
+
+  def pretrained_params(self):
+    """Top-level param subtrees from `config.init` workdirs, as numpy (see the config)."""
+    init = self.config.init
+    loaded = {}
+    if init.params_from:
+      loaded.update(newest_params(init.params_from))
+    if init.vision_from:
+      clip = newest_params(init.vision_from)
+      if 'image_tower' not in clip:
+        raise ValueError(f'config.init.vision_from={init.vision_from!r} holds no CLIP '
+                         f'image tower (top-level params: {sorted(clip)})')
+      loaded['vision_tower'] = self.model.vision_params_from_clip(clip['image_tower'])
+    if init.lm_from:
+      loaded['lm'] = newest_params(init.lm_from)['lm']
+    return loaded

@@ -1,0 +1,139 @@
+"""The LLaVA task in the training loop: the two stages' trainability, pretrained parts loaded
+from our own runs, the text-only baseline, and a sharded step equal to one device."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import config_lib
+from mmjax import sharding
+from mmjax import train
+from mmjax.tasks import llava as llava_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAVA = os.path.join(REPO, 'configs', 'llava.py')
+CLIP_TINY = os.path.join(REPO, 'configs', 'clip.py') + ':tiny'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('datasets'))
+
+
+def llava_config(data_dir, stage='stage2', **overrides):
+  return config_lib.load(f'{LLAVA}:tiny,{stage}', {'data.data_dir': data_dir, **overrides})
+
+
+def _flat(params):
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params))}
+
+
+def _train(config, steps, mesh_axes=None):
+  """(initial params, params after `steps` steps, losses) on one device or on all 8."""
+  devices = jax.devices() if mesh_axes else jax.devices()[:1]
+  mesh = sharding.make_mesh(mesh_axes or dict(data=1), devices)
+  with sharding.activate(mesh):
+    trainer = train.Trainer(config, mesh)
+    state = trainer.load_pretrained(trainer.init_state(jax.random.PRNGKey(0)))
+    initial = _flat(state['params'])
+    data = trainer.task.train_iterator(process_index=0, process_count=1)
+    keys = trainer.task.batch_spec(1)
+    losses = []
+    for _ in range(steps):
+      batch = next(data)
+      state, metrics = trainer.train_step(
+          state, sharding.global_batch({k: batch[k] for k in keys}, trainer.batch_sharding))
+      losses.append(float(metrics['loss']))
+  return initial, _flat(state['params']), losses
+
+
+def _changed(before, after):
+  return {name for name in before if not np.array_equal(before[name], after[name])}
+
+
+@pytest.mark.parametrize('stage, trained_parts', [('stage1', {'projector'}),
+                                                  ('stage2', {'projector', 'lm'})])
+def test_stage_trains_only_its_parts(data_dir, stage, trained_parts):
+  before, after, losses = _train(llava_config(data_dir, stage), steps=3)
+  changed = _changed(before, after)
+  part = lambda name: name.split("'")[1]
+  assert {part(name) for name in changed} == trained_parts
+  # Every param of a trained part moves (no frozen leftovers inside it).
+  assert changed == {name for name in before if part(name) in trained_parts}
+  if 'lm' in trained_parts:
+    assert losses[-1] < losses[0]
+
+
+def test_sharded_step_equals_one_device(data_dir):
+  # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
+  config = llava_config(data_dir, **{'model.language_model.num_kv_heads': 2})
+  _, ref_params, ref_losses = _train(config, steps=2)
+  _, params, losses = _train(config, steps=2, mesh_axes=dict(data=2, fsdp=2, tensor=2))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for name, want in ref_params.items():
+    np.testing.assert_allclose(params[name], want, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _run_to_checkpoint(config, workdir):
+  train.run(config, workdir)
+  return workdir
+
+
+def test_parts_load_from_our_runs(data_dir, tmp_path):
+  # A CLIP run whose image tower has one block more than the LLaVA vision tower.
+  clip_config = config_lib.load(CLIP_TINY, {
+      'data.data_dir': data_dir, 'model.image.width': 32, 'model.image.num_heads': 2,
+      'model.image.depth': 2, 'total_steps': 2, 'eval_every': 100, 'checkpoint_every': 2,
+      'evals': {}})
+  clip_dir = _run_to_checkpoint(clip_config, str(tmp_path / 'clip'))
+  lm_dir = _run_to_checkpoint(
+      llava_config(data_dir, 'text_only', total_steps=2, evals={}), str(tmp_path / 'lm'))
+
+  config = llava_config(data_dir, 'stage1', **{'init.vision_from': clip_dir,
+                                              'init.lm_from': lm_dir})
+  loaded, _, _ = _train(config, steps=0)
+  clip = _flat(_read(clip_dir))
+  lm = _flat(_read(lm_dir))
+  for name, value in loaded.items():
+    if name.startswith("['lm']"):
+      np.testing.assert_array_equal(value, lm[name], err_msg=name)
+    elif name.startswith("['vision_tower']['transformer']"):
+      clip_name = name.replace("['vision_tower']", "['image_tower']")
+      np.testing.assert_array_equal(value, clip[clip_name][:1], err_msg=name)  # block 0 of 2
+    elif name.startswith("['vision_tower']"):
+      np.testing.assert_array_equal(
+          value, clip[name.replace("['vision_tower']", "['image_tower']")], err_msg=name)
+  assert any(name.startswith("['vision_tower']['transformer']") for name in loaded)
+
+  # Stage 1 -> stage 2: everything comes from the stage-1 run.
+  stage1_dir = _run_to_checkpoint(
+      llava_config(data_dir, 'stage1', total_steps=2, evals={}, **{
+          'init.vision_from': clip_dir, 'init.lm_from': lm_dir}), str(tmp_path / 'stage1'))
+  stage2, _, _ = _train(llava_config(data_dir, **{'init.params_from': stage1_dir}), steps=0)
+  stage1 = _flat(_read(stage1_dir))
+  assert stage2.keys() == stage1.keys()
+  for name, value in stage2.items():
+    np.testing.assert_array_equal(value, stage1[name], err_msg=name)
+
+
+def _read(workdir):
+  return llava_task.newest_params(workdir)
+
+
+def test_mismatched_pretrained_part_names_the_param(data_dir, tmp_path):
+  clip_config = config_lib.load(CLIP_TINY, {
+      'data.data_dir': data_dir, 'total_steps': 1, 'checkpoint_every': 1, 'evals': {}})
+  clip_dir = _run_to_checkpoint(clip_config, str(tmp_path / 'clip_wide'))  # width 64, not 32
+  config = llava_config(data_dir, **{'init.vision_from': clip_dir})
+  with pytest.raises(ValueError, match=r"vision_tower.*shape"):
+    _train(config, steps=0)
+
+
+def test_bad_configs_name_the_key(data_dir):
+  with pytest.raises(ValueError, match='config.data.num_image_tokens'):
+    config_lib.validate(llava_config(data_dir, **{'data.num_image_tokens': 4}), 1)
+  with pytest.raises(ValueError, match='config.trainable'):
+    _train(llava_config(data_dir, trainable='vision/.*'), steps=0)
