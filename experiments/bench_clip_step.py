@@ -6,6 +6,7 @@ r"""Our jitted CLIP train step vs Hugging Face `transformers` CLIPModel on the s
 PLACEHOLDER: evidence is filled in below once measured.
 """
 
+import ast
 import math
 import os
 import sys
@@ -28,9 +29,10 @@ _MAX_LOAD = flags.DEFINE_float(
     'max_load', 0.1, 'A block pair counts only if other processes used fewer cores than this.')
 _MAX_MINUTES = flags.DEFINE_float('max_minutes', 30, 'Give up waiting for quiet blocks after.')
 _SETTLE = flags.DEFINE_float('settle', 1.0, 'Seconds of sleep before each timed block.')
-_ROLLED = flags.DEFINE_bool(
-    'rolled', True, 'Also time our step with config.model.scan_unroll=False (one compiled '
-    'layer in a while loop), for comparison.')
+_VARIANTS = flags.DEFINE_multi_string(
+    'variant', ['model.scan_unroll=False'],
+    'Also time our step with these config overrides (KEY=VALUE[,KEY=VALUE]), for comparison; '
+    'a variant equal to the config itself is skipped.')
 _SAME_WEIGHTS = flags.DEFINE_bool('same_weights', True,
                                   'Import the transformers initial weights into ours.')
 
@@ -361,6 +363,14 @@ def wait_for_quiet(max_load, timeout=1800.0):
       return others
 
 
+def _literal(text: str):
+  """'False' -> False, '2' -> 2, 'abc' -> 'abc' (a command-line override's value)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -370,6 +380,7 @@ def main(argv):
     settings = xla_flags.apply()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   import jax  # noqa: F401  (after the flags)
+  from mmjax import config_lib
 
   config = _CONFIG.value
   variant = config.get('variant', '?')
@@ -380,14 +391,17 @@ def main(argv):
   theirs = TransformersProcess(config, hf_config, images, text)
   Ours.hf_config = hf_config
   weights = theirs.initial_state if _SAME_WEIGHTS.value else None
-  impls = [Ours(config, images, text, hf_state_dict=weights,
-               name=f'mmjax (scan_unroll={config.model.scan_unroll})')]
-  if _ROLLED.value and config.model.scan_unroll is not False:
-    rolled = config.copy_and_resolve_references()
-    with rolled.unlocked():
-      rolled.model.scan_unroll = False
-    impls.append(Ours(rolled, images, text, hf_state_dict=weights,
-                      name='mmjax (scan_unroll=False)'))
+  impls = [Ours(config, images, text, hf_state_dict=weights, name='mmjax (config)')]
+  for variant_spec in _VARIANTS.value:
+    overrides = dict(item.split('=', 1) for item in variant_spec.split(','))
+    overrides = {key: _literal(value) for key, value in overrides.items()}
+    variant_config = config.copy_and_resolve_references()
+    if all(config_lib.get_key(config, key) == value for key, value in overrides.items()):
+      continue
+    for key, value in overrides.items():
+      config_lib.set_key(variant_config, key, value)
+    impls.append(Ours(variant_config, images, text, hf_state_dict=weights,
+                      name=f'mmjax ({variant_spec})'))
   impls.append(theirs)
   from mmjax import sharding
   try:
@@ -408,7 +422,7 @@ def _bench(config, variant, impls, settings):
         f'{config.model.text.width}, depths {config.model.image.depth}/'
         f'{config.model.text.depth}, heads {config.model.image.num_heads}/'
         f'{config.model.text.num_heads}, {config.model.image.activation}, '
-        f'scan={config.model.scan}', flush=True)
+        f'scan={config.model.scan}, scan_unroll={config.model.scan_unroll}', flush=True)
   print(f'mmjax: jax {jax.__version__}, {jax.devices()}, XLA_FLAGS='
         f'{os.environ.get("XLA_FLAGS", "")!r}, mmjax.xla_flags.apply() -> '
         f'{settings or "not called"}; XLA:CPU sizes its own thread pool to the '

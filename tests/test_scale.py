@@ -58,6 +58,17 @@ def test_remat_policies_change_nothing_but_memory(data_dir, policy):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+def test_unrolled_layer_loop_changes_nothing(data_dir):
+  """`scan_unroll` changes the compiled program, not the model."""
+  loss, grads = _loss_and_grads(config_lib.load(TINY, {'data.data_dir': data_dir}))
+  other_loss, other_grads = _loss_and_grads(
+      config_lib.load(TINY, {'data.data_dir': data_dir, 'model.scan_unroll': False}))
+  assert other_loss == pytest.approx(loss, rel=1e-6)
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads))  # float32 rounding
+  for got, want in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale)
+
+
 def test_unknown_remat_policy_is_named(data_dir):
   config = config_lib.load(TINY, {'data.data_dir': data_dir, 'model.remat': 'dotz'})
   with pytest.raises(ValueError, match="config.model.remat='dotz'"):

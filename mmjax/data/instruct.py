@@ -206,17 +206,17 @@ def _answers(kind: QuestionKind, texts) -> tuple[np.ndarray, list[str]]:
 
 
 def _source(dataset: str, split: str, data_dir: str):
-  return pipeline._prepared(dataset, data_dir).as_data_source(split)
+  return pipeline.prepared(dataset, data_dir).as_data_source(split)
 
 
 def _image(image: np.ndarray, dataset: str, image_size: int, rng=None) -> np.ndarray:
   """uint8 [h, w, 3] -> float32 [S, S, 3] in [-1, 1]; with `rng`, the random crop and colour
   jitter of `pipeline.train_iterator` for `dataset`."""
-  area = pipeline._CROP_AREA[dataset] if rng is not None else None
-  box = pipeline._random_box(image.shape[0], area, rng) if area else None
-  augment = rng is not None and dataset in pipeline._JITTERED
-  jitter = pipeline._random_jitter(rng) if augment else None
-  return pipeline._preprocess(image, image_size, box, jitter)
+  area = pipeline.CROP_AREA[dataset] if rng is not None else None
+  box = pipeline.random_box(image.shape[0], area, rng) if area else None
+  augment = rng is not None and dataset in pipeline.JITTERED
+  jitter = pipeline.random_jitter(rng) if augment else None
+  return pipeline.preprocess(image, image_size, box, jitter)
 
 
 def _train_example(position, rng, *, source, dataset, indices, rows, kind_id, image_size,

@@ -32,9 +32,9 @@ _RETRIEVAL_SPLITS = {
     'emoji': {'heldout_style': ('test_seen', 'test_unseen')},
     'tuxpaint': {'test': ('test',)},
 }
-_JITTERED = ('emoji', 'tuxpaint')  # Datasets whose training images get `_random_jitter`.
+JITTERED = ('emoji', 'tuxpaint')  # Datasets whose training images get `random_jitter`.
 # Range of the random crop's area fraction (None: no crop).
-_CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}
+CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}
 
 
 def _builder(name: str, data_dir: str):
@@ -43,7 +43,7 @@ def _builder(name: str, data_dir: str):
   return _BUILDERS[name](data_dir=data_dir)
 
 
-def _prepared(name: str, data_dir: str):
+def prepared(name: str, data_dir: str):
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     raise FileNotFoundError(f'{name!r} is not built in {data_dir}; call build() first')
@@ -72,14 +72,14 @@ def class_names(name: str, data_dir: str) -> list[str]:
   """All class names; index == label."""
   if name == 'digits':
     return list(digits.NAMES)
-  return list(_prepared(name, data_dir).info.metadata['names'])
+  return list(prepared(name, data_dir).info.metadata['names'])
 
 
 def unseen_names(name: str, data_dir: str) -> list[str]:
   """Names never seen in training (a subset of `class_names`)."""
   if name == 'digits':
     return []
-  return list(_prepared(name, data_dir).info.metadata['unseen_names'])
+  return list(prepared(name, data_dir).info.metadata['unseen_names'])
 
 
 def eval_splits(name: str) -> dict[str, str]:
@@ -90,9 +90,9 @@ def eval_splits(name: str) -> dict[str, str]:
   return dict(_EVAL_SPLITS[name])
 
 
-def _preprocess(image: np.ndarray, image_size: int, box=None, jitter=None) -> np.ndarray:
+def preprocess(image: np.ndarray, image_size: int, box=None, jitter=None) -> np.ndarray:
   """uint8 [h, w, 1 or 3] -> float32 [S, S, 3] in [-1, 1]; crops to `box` (x0, y0, x1, y1)
-  and applies `jitter` (from `_random_jitter`) before resizing."""
+  and applies `jitter` (from `random_jitter`) before resizing."""
   pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB')
   if jitter:
     pil = ImageEnhance.Brightness(pil).enhance(jitter['brightness'])
@@ -104,7 +104,7 @@ def _preprocess(image: np.ndarray, image_size: int, box=None, jitter=None) -> np
   return np.asarray(pil, np.float32) / 127.5 - 1
 
 
-def _random_jitter(rng: np.random.Generator) -> dict[str, float]:
+def random_jitter(rng: np.random.Generator) -> dict[str, float]:
   """Photometric jitter that keeps hues (names say "red", "green"): brightness, contrast,
   saturation factors in [0.7, 1.3] and, half the time, a Gaussian blur of up to 1.5 source
   pixels, so a drawing style's sharp outlines or soft shading is not a shortcut."""
@@ -113,7 +113,7 @@ def _random_jitter(rng: np.random.Generator) -> dict[str, float]:
   return dict(brightness=brightness, contrast=contrast, saturation=saturation, blur=blur)
 
 
-def _random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
+def random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
   """A random square crop box covering a fraction in `area` of a [size, size] image."""
   side = size * np.sqrt(rng.uniform(*area))
   x0, y0 = rng.uniform(0, size - side, 2)
@@ -122,9 +122,9 @@ def _random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
 
 def load_eval(name: str, split: str, data_dir: str, image_size: int) -> dict:
   """The whole split: {'image': float32 [N, S, S, 3] in [-1, 1], 'label': int32 [N]}."""
-  examples = _examples(_prepared(name, data_dir).as_data_source(split))
+  examples = _examples(prepared(name, data_dir).as_data_source(split))
   return {
-      'image': np.stack([_preprocess(x['image'], image_size) for x in examples]),
+      'image': np.stack([preprocess(x['image'], image_size) for x in examples]),
       'label': np.array([x['label'] for x in examples], np.int32),
   }
 
@@ -140,7 +140,7 @@ def load_retrieval(name: str, data_dir: str, image_size: int) -> dict[str, dict]
   if name not in _RETRIEVAL_SPLITS:
     raise ValueError(f'dataset {name!r} has no retrieval splits; use one of '
                      f'{sorted(_RETRIEVAL_SPLITS)}')
-  builder = _prepared(name, data_dir)
+  builder = prepared(name, data_dir)
   splits = {}
   for split_name, tfds_splits in _RETRIEVAL_SPLITS[name].items():
     examples = [x for s in tfds_splits for x in _examples(builder.as_data_source(s))]
@@ -149,7 +149,7 @@ def load_retrieval(name: str, data_dir: str, image_size: int) -> dict[str, dict]
     else:
       texts = [x['caption'].decode() for x in examples]
     splits[split_name] = {
-        'image': np.stack([_preprocess(x['image'], image_size) for x in examples]),
+        'image': np.stack([preprocess(x['image'], image_size) for x in examples]),
         'caption': texts,
         'text_to_image': np.arange(len(examples), dtype=np.int32),
     }
@@ -163,15 +163,15 @@ def _examples(source) -> list[dict]:
 def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_len, augment):
   """Example `index` of the train split -> {'image', 'text', 'example_id'}, randomised by `rng`."""
   x = source[index]
-  area = _CROP_AREA[name] if augment else None
-  box = _random_box(x['image'].shape[0], area, rng) if area else None
-  jitter = _random_jitter(rng) if augment and name in _JITTERED else None
+  area = CROP_AREA[name] if augment else None
+  box = random_box(x['image'].shape[0], area, rng) if area else None
+  jitter = random_jitter(rng) if augment and name in JITTERED else None
   if 'caption' in x:  # A dataset of sentences (Tux Paint).
     caption = x['caption'].decode()
   else:  # A dataset of names: a caption template is drawn.
     caption = captions.random_caption(name, x['name'].decode(), rng)
   return {
-      'image': _preprocess(x['image'], image_size, box, jitter),
+      'image': preprocess(x['image'], image_size, box, jitter),
       'text': tokenizer.encode([caption], max_text_len)[0],
       'example_id': np.int32(index),
   }
@@ -192,7 +192,7 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count})')
   local_batch_size = global_batch_size // process_count
-  source = _prepared(name, data_dir).as_data_source('train')
+  source = prepared(name, data_dir).as_data_source('train')
   example = functools.partial(
       _train_example, source=source, name=name, tokenizer=tokenizer, image_size=image_size,
       max_text_len=max_text_len, augment=augment)
@@ -212,10 +212,10 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
 def _image_example(index, rng, *, source, name, image_size, augment, jitter):
   """Example `index` of the train split -> {'image', 'example_id'}, randomised by `rng`."""
   x = source[index]
-  area = _CROP_AREA[name] if augment else None
-  box = _random_box(x['image'].shape[0], area, rng) if area else None
-  jitter = _random_jitter(rng) if augment and jitter and name in _JITTERED else None
-  return {'image': _preprocess(x['image'], image_size, box, jitter), 'example_id': np.int32(index)}
+  area = CROP_AREA[name] if augment else None
+  box = random_box(x['image'].shape[0], area, rng) if area else None
+  jitter = random_jitter(rng) if augment and jitter and name in JITTERED else None
+  return {'image': preprocess(x['image'], image_size, box, jitter), 'example_id': np.int32(index)}
 
 
 def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_batch_size: int,
@@ -232,7 +232,7 @@ def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_ba
                      f'process_count={process_count}')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} not in [0, {process_count})')
-  source = _prepared(name, data_dir).as_data_source('train')
+  source = prepared(name, data_dir).as_data_source('train')
   example = functools.partial(_image_example, source=source, name=name, image_size=image_size,
                               augment=augment, jitter=jitter)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().random_map(example)

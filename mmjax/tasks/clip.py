@@ -9,8 +9,13 @@ from mmjax import ring_losses
 from mmjax import evals
 from mmjax.data import pipeline
 from mmjax.data import tokenizers
+from mmjax.models import layers
 from mmjax.models.clip import CLIP
 from mmjax.tasks.base import Task
+
+LOSSES = ('softmax', 'sigmoid')
+LOSS_IMPLS = ('gathered', 'ring')
+PROJECTIONS = ('linear', 'linear_bias', 'none')
 
 
 def build_model(config) -> CLIP:
@@ -54,6 +59,50 @@ class ClipTask(Task):
     self.tokenizer = tokenizers.get(config.data.tokenizer)
     self.data_dir = config_lib.data_dir(config)
     pipeline.build(config.data.name, self.data_dir)
+
+  @classmethod
+  def validate_config(cls, config):
+    if config.get('loss') is not None and config.loss not in LOSSES:
+      raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
+    if config.get('loss_impl', 'gathered') not in LOSS_IMPLS:
+      raise ValueError(f'config.loss_impl={config.loss_impl!r}; use one of {LOSS_IMPLS}')
+    if config.loss == 'sigmoid' and config.model.bias_init is None:
+      raise ValueError('config.loss=sigmoid needs config.model.bias_init (SigLIP uses -10)')
+    image, text = config.model.image, config.model.text
+    if config.data.image_size % image.patch_size:
+      raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by '
+                       f'config.model.image.patch_size={image.patch_size}')
+    for tower_name, tower in (('image', image), ('text', text)):
+      if tower.width % tower.num_heads:
+        raise ValueError(f'config.model.{tower_name}.width={tower.width} is not divisible by '
+                         f'config.model.{tower_name}.num_heads={tower.num_heads}')
+    choices = {'model.image.pool': ('cls', 'map'), 'model.text.pool': ('eot', 'last'),
+               'model.image_projection': PROJECTIONS, 'model.text_projection': PROJECTIONS}
+    for key, allowed in choices.items():
+      value = config_lib.get_key(config, key)
+      if value not in allowed:
+        raise ValueError(f'config.{key}={value!r}; use one of {allowed}')
+    if image.pool == 'cls' and not image.class_token:
+      raise ValueError("config.model.image.pool='cls' needs config.model.image.class_token=True")
+    for tower_name, tower in (('image', image), ('text', text)):
+      projection = config.model[f'{tower_name}_projection']
+      if projection == 'none' and tower.width != config.model.embed_dim:
+        raise ValueError(
+            f"config.model.{tower_name}_projection='none' needs config.model.{tower_name}.width "
+            f'({tower.width}) == config.model.embed_dim ({config.model.embed_dim})')
+    if config.model.remat not in (*layers.REMAT_POLICIES, True, False):
+      raise ValueError(f'config.model.remat={config.model.remat!r}; use one of '
+                       f'{tuple(layers.REMAT_POLICIES)}')
+    if config.data.tokenizer not in tokenizers.VOCAB_SIZES:
+      raise ValueError(f'config.data.tokenizer={config.data.tokenizer!r}; use one of '
+                       f'{tokenizers.CHOICES}')
+    vocab_size = tokenizers.VOCAB_SIZES[config.data.tokenizer]
+    if text.vocab_size < vocab_size:
+      raise ValueError(f'config.model.text.vocab_size={text.vocab_size} is smaller than the '
+                       f'{config.data.tokenizer!r} tokenizer vocabulary ({vocab_size})')
+    if config.data.max_text_len > text.context_length:
+      raise ValueError(f'config.data.max_text_len={config.data.max_text_len} exceeds '
+                       f'config.model.text.context_length={text.context_length}')
 
   def init(self, rng):
     spec = self.batch_spec(1)
