@@ -222,14 +222,17 @@ class Mlp(nn.Module):
   hidden: int
   activation: str = 'gelu'
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    h = Dense(self.hidden, ('embed', 'mlp'), dtype=self.dtype, name='fc_in')(x)
+    h = Dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype,
+              name='fc_in')(x)
     h = nn.with_logical_constraint(h, ('act_batch', 'act_length', 'act_mlp'))
     h = ACTIVATIONS[self.activation](h)
-    return Dense(width, ('mlp', 'embed'), dtype=self.dtype, name='fc_out')(h)
+    return Dense(width, ('mlp', 'embed'), use_bias=self.use_bias, dtype=self.dtype,
+                 name='fc_out')(h)
 
 
 class GatedMlp(nn.Module):

@@ -1,0 +1,173 @@
+"""Flamingo: gates at 0 give the LM exactly, the media mask, exact zeros before the first
+image, gradients into the gated blocks, and the `lm` param tree in both decoder layouts."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax import train
+from mmjax.models import flamingo
+from mmjax.models.decoder import DecoderLM
+
+IMAGE = 63
+LM = dict(vocab_size=64, width=32, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
+XATTN = dict(xattn_heads=2, xattn_head_dim=8)
+LENGTH, IMAGES, LATENTS, MEDIA_WIDTH = 12, 2, 3, 24
+IMAGE_AT = ((3, 7), (0, 9))  # per row: positions of the `<image>` tokens
+
+
+def _tokens():
+  tokens = np.random.default_rng(0).integers(0, IMAGE, (len(IMAGE_AT), LENGTH))
+  for row, positions in enumerate(IMAGE_AT):
+    tokens[row, list(positions)] = IMAGE
+  return jnp.asarray(tokens, jnp.int32)
+
+
+def _media(seed, images=IMAGES):
+  shape = (len(IMAGE_AT), images, LATENTS, MEDIA_WIDTH)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _model(**kwargs):
+  return flamingo.Flamingo(dict(LM, **kwargs.pop('lm', {})), IMAGE, cross_attn_every=2,
+                           **XATTN, **kwargs)
+
+
+def _logits(params, tokens, media, only_attend_immediate_media=True, lm_scan=True):
+  model = _model(only_attend_immediate_media=only_attend_immediate_media,
+                 lm=dict(scan=lm_scan))
+  return model.apply({'params': params}, tokens, media)
+
+
+@functools.cache
+def _forward(**kwargs):
+  return jax.jit(functools.partial(_logits, **kwargs))
+
+
+@functools.cache
+def _initial_params():
+  variables = jax.jit(_model().init)(jax.random.key(0), _tokens(), _media(0))
+  return nn.unbox(variables)['params']
+
+
+def _randomized(params, gate, seed=1):
+  """`params` with every leaf redrawn (norm scales around 1) and the gates set to `gate`."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if 'gate' in name:
+      return jnp.full(leaf.shape, gate, jnp.float32)
+    return jnp.asarray(rng.normal(1.0 if 'scale' in name else 0.0, 0.2, leaf.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, params)
+
+
+def _open_gates(params, gate=0.5):
+  return dict(params, gated_xattn=_randomized(params['gated_xattn'], gate))
+
+
+def test_at_init_the_model_is_the_language_model_exactly():
+  params = _initial_params()
+  gates = [params['gated_xattn']['attn_gate'], params['gated_xattn']['ff_gate']]
+  np.testing.assert_array_equal(np.stack(gates), np.zeros((2, LM['depth'] // 2)))
+  lm = DecoderLM(**LM)
+  lm_tree = nn.unbox(jax.eval_shape(lm.init, jax.random.key(0), _tokens()))['params']
+  assert jax.tree.map(np.shape, lm_tree) == jax.tree.map(np.shape, params['lm'])
+  want = jax.jit(lambda p, t: lm.apply({'params': p}, t)[0])(params['lm'], _tokens())
+  for seed in (0, 1):
+    np.testing.assert_array_equal(_forward()(params, _tokens(), _media(seed)), want)
+
+
+def test_an_image_reaches_only_the_tokens_from_its_image_token_on():
+  params = _open_gates(_initial_params())
+  media = _media(0)
+  base = np.asarray(_forward()(params, _tokens(), media))
+  for image in range(IMAGES):
+    changed = np.asarray(_forward()(params, _tokens(), media.at[:, image].set(_media(2)[:, 0])))
+    for row, image_at in enumerate(IMAGE_AT):
+      first = image_at[image]
+      np.testing.assert_array_equal(changed[row, :first], base[row, :first])
+      assert np.all(np.abs(changed[row, first:] - base[row, first:]).max(-1) > 1e-5)
+
+
+@pytest.mark.parametrize('only_attend_immediate_media', [True, False])
+def test_gated_block_media_mask(only_attend_immediate_media):
+  """Changing image k changes exactly the tokens from its `<image>` token to the next one
+  (immediate), or to the end (all previous images); tokens before it never change."""
+  block = flamingo.GatedCrossAttentionBlock(num_heads=2, head_dim=8)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(len(IMAGE_AT), LENGTH, LM['width'])),
+                  jnp.float32)
+  mask = flamingo.text_to_media_mask(_tokens(), IMAGE, IMAGES, LATENTS,
+                                     only_attend_immediate_media)
+  flat = lambda media: media.reshape(len(IMAGE_AT), IMAGES * LATENTS, MEDIA_WIDTH)
+  params = jax.eval_shape(block.init, jax.random.key(0), x, flat(_media(0)), mask)
+  params = _randomized(nn.unbox(params)['params'], gate=0.5)
+  apply = jax.jit(lambda media: block.apply({'params': params}, x, flat(media), mask))
+  base = np.asarray(apply(_media(0)))
+  for image in range(IMAGES):
+    changed = np.asarray(apply(_media(0).at[:, image].set(_media(2)[:, 0])))
+    for row, image_at in enumerate(IMAGE_AT):
+      sees_image = np.zeros(LENGTH, bool)
+      last = image_at[image + 1] if only_attend_immediate_media and image + 1 < IMAGES else None
+      sees_image[image_at[image]:last] = True
+      np.testing.assert_array_equal(np.any(changed[row] != base[row], axis=-1), sees_image)
+
+
+def test_cross_attention_is_exactly_zero_before_the_first_image():
+  attention = flamingo.MaskedCrossAttention(num_heads=2, head_dim=8)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(len(IMAGE_AT), LENGTH, LM['width'])),
+                  jnp.float32)
+  media = _media(0).reshape(len(IMAGE_AT), IMAGES * LATENTS, MEDIA_WIDTH)
+  mask = flamingo.text_to_media_mask(_tokens(), IMAGE, IMAGES, LATENTS)
+  params = jax.eval_shape(attention.init, jax.random.key(0), x, media, mask)
+  params = _randomized(nn.unbox(params)['params'], gate=None)
+  out = np.asarray(jax.jit(attention.apply)({'params': params}, x, media, mask))
+  for row, image_at in enumerate(IMAGE_AT):
+    np.testing.assert_array_equal(out[row, :image_at[0]], 0.0)
+    assert np.all(np.abs(out[row, image_at[0]:]).max(-1) > 1e-3)
+
+
+def test_gradients_open_the_gates_and_train_only_the_gated_blocks():
+  cotangent = jnp.asarray(np.random.default_rng(5).normal(size=(len(IMAGE_AT), LENGTH,
+                                                                 LM['vocab_size'])), jnp.float32)
+
+  @jax.jit
+  def gated_grads(params):
+    loss = lambda gated: jnp.sum(cotangent * _logits(dict(params, gated_xattn=gated), _tokens(),
+                                                _media(0)))
+    return jax.grad(loss)(params['gated_xattn'])
+
+  groups = LM['depth'] // 2
+  at_init = gated_grads(_initial_params())
+  for name, grads in at_init.items():
+    if name.endswith('_gate'):  # every gate of every group gets a gradient
+      assert np.all(np.asarray(grads) != 0), name
+    else:  # behind tanh(0) = 0 nothing else does yet
+      jax.tree.map(lambda g: np.testing.assert_array_equal(g, 0.0), grads)
+  opened = gated_grads(_open_gates(_initial_params()))
+  for path, grads in jax.tree_util.tree_leaves_with_path(opened):
+    assert np.all(np.abs(np.asarray(grads).reshape(groups, -1)).max(-1) > 0), path
+
+  config = ml_collections.ConfigDict({'trainable': 'gated_xattn/.*'})
+  mask = train.trainable_mask(config, _initial_params())
+  assert all(jax.tree.leaves(mask['gated_xattn']))
+  assert not any(jax.tree.leaves(mask['lm']))
+
+
+def test_unscanned_language_model_layout_gives_the_same_logits():
+  params = _open_gates(_initial_params())
+  blocks = params['lm']['decoder']['blocks']
+  unscanned_decoder = {f'block_{i}': jax.tree.map(lambda p, i=i: p[i], blocks)
+                       for i in range(LM['depth'])}
+  unscanned = dict(params, lm=dict(params['lm'], decoder=unscanned_decoder))
+  np.testing.assert_allclose(_forward(lm_scan=False)(unscanned, _tokens(), _media(0)),
+                             _forward()(params, _tokens(), _media(0)), atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match='cross_attn_every=3 does not divide'):
+    flamingo.Flamingo(LM, IMAGE, cross_attn_every=3).init(jax.random.key(0), _tokens(),
+                                                          _media(0))
