@@ -10,6 +10,7 @@ evaluators by adding builders here.
 
 from mmjax.evals import captioning
 from mmjax.evals import dual_encoder
+from mmjax.evals import fewshot
 from mmjax.evals import reconstruction
 
 BUILDERS = {
@@ -18,6 +19,7 @@ BUILDERS = {
     'reconstruction': reconstruction.reconstruction_from_config,
     'qa': captioning.qa_from_config,
     'captioning': captioning.captioning_from_config,
+    'fewshot': fewshot.fewshot_from_config,
 }
 
 

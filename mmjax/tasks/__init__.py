@@ -2,10 +2,11 @@
 
 from mmjax.tasks.base import Task
 from mmjax.tasks.clip import ClipTask
+from mmjax.tasks.flamingo import FlamingoTask
 from mmjax.tasks.llava import LlavaTask
 from mmjax.tasks.vq import VQTask
 
-TASKS = {'clip': ClipTask, 'llava': LlavaTask, 'vq': VQTask}
+TASKS = {'clip': ClipTask, 'flamingo': FlamingoTask, 'llava': LlavaTask, 'vq': VQTask}
 
 
 def get_task(config) -> Task:

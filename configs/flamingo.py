@@ -1,0 +1,109 @@
+r"""Flamingo: a frozen LM reads resampled image latents through gated cross-attention.
+
+`--config configs/flamingo.py:VARIANT`
+  variants  tiny (tests: seconds), small (a 2-core CPU, minutes)
+
+The data are interleaved sequences of K emoji and their captions (`mmjax/data/interleaved.py`):
+`<image> an emoji of <name>.<eoc> <image> ...`, loss on the caption tokens. The vision tower
+and the LM are frozen; the Perceiver resampler, the media projection (only when the vision
+and LM widths differ) and the tanh-gated cross-attention blocks train. Evaluation: 0/1/4-shot
+ranking of candidate names for emoji of the held-out style (`mmjax/evals/fewshot.py`).
+
+  # a CLIP of ours gives the vision tower, a text-only LLaVA run the LM
+  python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
+  python -m mmjax.train --config configs/llava.py:small,text_only --workdir workdirs/lm_small
+  python -m mmjax.train --config configs/flamingo.py:small \
+      --config.init.vision_from=workdirs/clip_small --config.init.lm_from=workdirs/lm_small \
+      --workdir workdirs/flamingo_small
+"""
+
+from ml_collections import config_dict
+
+# Byte-level ids of mmjax.data.instruct.ByteLMTokenizer: 256 bytes, pad, BOS, EOS (= end of
+# chunk), <image>.
+VOCAB_SIZE = 260
+
+
+def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+  config.variant = variant
+  config.task = 'flamingo'
+  config.seed = 0
+  # `config.trainable`: a regex over '/'-joined param paths (mmjax.train); LM and vision frozen.
+  config.trainable = r'(resampler|gated_xattn|media_projection)/.*'
+
+  config.data = dict(
+      data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
+      image_size=8,
+      images_per_sequence=3,  # K (image, caption) chunks per training sequence
+      max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
+      augment=True,
+      worker_count=0,
+  )
+
+  config.model = dict(
+      # Our ViT (CLIP layout) with `depth` = the CLIP tower's depth - 1, as LLaVA's tower.
+      vision=dict(patch_size=2, width=16, depth=1, num_heads=2, mlp_ratio=4.0,
+                  activation='gelu', layer_norm_eps=1e-5, scan=True),
+      # mmjax.models.resampler.PerceiverResampler kwargs.
+      resampler=dict(layout='flamingo', num_latents=4, depth=1, num_heads=2, head_dim=8,
+                     mlp_ratio=2, max_images=None),
+      # The decoder of configs/llava.py (same variant), so a text-only LLaVA run loads in.
+      language_model=dict(vocab_size=VOCAB_SIZE, width=32, depth=2, num_heads=2,
+                          num_kv_heads=1, mlp_dim=64, rope_theta=10_000.0, norm_eps=1e-6,
+                          tie_embeddings=False, scan=True, remat='none'),
+      cross_attn_every=1,  # a gated block before every this-many-th LM layer
+      only_attend_immediate_media=True,
+      xattn_heads=2,
+      xattn_head_dim=16,
+      xattn_mlp_ratio=2,
+  )
+  # Pretrained parts loaded into fresh params (not on resume); '' = none. Each is a workdir
+  # of ours (the newest checkpoint): vision_from a CLIP run (its image tower), lm_from a
+  # LLaVA text_only run (its LM), params_from a Flamingo run (everything).
+  config.init = dict(vision_from='', lm_from='', params_from='')
+  config.loss = dict(z_loss=0.0)
+
+  config.batch_size = 8
+  config.total_steps = 100
+  config.grad_accum_steps = 1
+  config.compute_dtype = 'float32'
+  config.lr = 1e-3
+  config.wd = 0.1
+  config.schedule = dict(warmup_steps=10, end_lr_fraction=0.1)
+  config.adam = dict(b1=0.9, b2=0.95, eps=1e-8, mu_dtype=config_dict.placeholder(str))
+  config.grad_clip_norm = 1.0
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+
+  config.log_every = 25
+  config.eval_every = 100
+  config.checkpoint_every = 100
+  config.keep_checkpoints = 2
+  config.record_example_ids = False
+
+  # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations.
+  config.evals = dict(fewshot=dict(type='fewshot', shots=(0, 1, 4), num_queries=256,
+                                   num_candidates=10, batch_size=64, seed=0))
+
+  if variant == 'tiny':
+    config.evals.fewshot.update(num_queries=8, num_candidates=4, batch_size=32)
+  elif variant == 'small':
+    # The vision tower of configs/clip.py:small (32 px, patch 8, width 128, 4 blocks - 1) and
+    # the decoder of configs/llava.py:small.
+    config.data.image_size = 32
+    config.model.vision.update(patch_size=8, width=128, depth=3, num_heads=4)
+    config.model.resampler.update(num_latents=16, depth=2, num_heads=4, head_dim=32, mlp_ratio=4)
+    config.model.language_model.update(width=128, depth=4, num_heads=4, num_kv_heads=2,
+                                       mlp_dim=352)
+    config.model.update(cross_attn_every=2, xattn_heads=4, xattn_head_dim=32, xattn_mlp_ratio=4)
+    config.batch_size = 32
+    config.total_steps = 1000
+    config.lr = 1e-3
+    config.schedule.warmup_steps = 100
+    config.log_every = 50
+    config.eval_every = 1000
+    config.checkpoint_every = 500
+  else:
+    raise ValueError(f'configs/flamingo.py: unknown variant {variant!r}; use tiny or small')
+  config.lock()
+  return config

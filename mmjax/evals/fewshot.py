@@ -1,0 +1,65 @@
+"""Few-shot classification by ranking: does the model name an unseen-style emoji after k examples?
+
+For k in `shots`, every query (an emoji image of the held-out style) comes with C candidate
+names (the right one among C - 1 other training names) and k demonstrations (image, caption)
+before it (`mmjax.data.interleaved.load_fewshot`). The model scores each candidate by the mean
+log-probability of ' <name>.' after `... <image> 'an emoji of'`; the prediction is the best
+scored candidate (the first on ties). Metrics per k: `<k>shot/accuracy` (fraction of queries
+whose prediction is the right name; chance 1 / C) and `<k>shot/num_examples`.
+
+`score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
+'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
+"""
+
+import numpy as np
+
+from mmjax.data import interleaved
+from mmjax.evals.captioning import _BatchedDictApply
+
+ROW_KEYS = ('image', 'tokens', 'targets', 'loss_weights')
+
+
+def ranking_accuracy(scores, answer_index) -> float:
+  """Fraction of rows of `scores [n, C]` whose argmax (first on ties) is `answer_index [n]`."""
+  return float(np.mean(np.argmax(scores, axis=1) == np.asarray(answer_index)))
+
+
+class FewShotEvaluator:
+  """`run(params)` -> `{'<k>shot/accuracy', '<k>shot/num_examples'}` for each k of `splits`.
+
+  splits: {k: {'image', 'tokens', 'targets', 'loss_weights' ([n * C, ...], row q * C + c is
+  query q with candidate c), 'answer_index' int [n]}} as `interleaved.load_fewshot`.
+  """
+
+  def __init__(self, *, score_fn, splits, batch_size, mesh):
+    if not splits:
+      raise ValueError('no shot counts to evaluate')
+    self.splits = splits
+    self._score = _BatchedDictApply(score_fn, mesh, batch_size)
+
+  def scores(self, params, split: dict) -> np.ndarray:
+    """float [n, C]: each query's candidate scores."""
+    scores = self._score(params, {key: split[key] for key in ROW_KEYS})
+    return scores.reshape(len(split['answer_index']), -1)
+
+  def run(self, params) -> dict[str, float]:
+    metrics = {}
+    for k, split in self.splits.items():
+      metrics[f'{k}shot/accuracy'] = ranking_accuracy(self.scores(params, split),
+                                                      split['answer_index'])
+      metrics[f'{k}shot/num_examples'] = len(split['answer_index'])
+    return metrics
+
+
+def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
+  """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed.
+
+  The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
+  built) and `config.data.image_size`.
+  """
+  splits = interleaved.load_fewshot(
+      task.data_dir, tokenizer=task.tokenizer, shots=tuple(eval_config.get('shots', (0, 1, 4))),
+      num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
+      image_size=task.config.data.image_size, seed=eval_config.get('seed', 0))
+  return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
+                          batch_size=eval_config.batch_size, mesh=mesh)
