@@ -356,7 +356,7 @@ def _duration(seconds: float) -> str:
 
 def _print_eval(step: int, metrics: dict[str, float]) -> None:
   suffixes = ('top1', 'top5', 'R@1', 'R@5', 'psnr', 'ssim', 'codebook_usage', 'exact_match',
-              'cider', 'bleu4')
+              'cider', 'bleu4', 'accuracy')
   shown = {k: v for k, v in metrics.items() if k.endswith(suffixes)}
   print(f'eval at step {step}: ' + '  '.join(f'{k} {v:.3f}' for k, v in sorted(shown.items())),
         flush=True)
