@@ -1,19 +1,25 @@
 r"""Flamingo: a frozen LM reads resampled image latents through gated cross-attention.
 
-`--config configs/flamingo.py:VARIANT`
+`--config configs/flamingo.py:VARIANT[,STAGE]`
   variants  tiny (tests: seconds), small (a 2-core CPU, minutes)
+  stages    xattn (default): the Perceiver resampler, the media projection (only when the
+            vision and LM widths differ) and the tanh-gated cross-attention blocks train;
+            the vision tower and the LM are frozen;
+            lm: the LM alone trains on the same sequences, the gates stay at 0 so the images
+            cannot matter (the text pretraining of the LM that `xattn` then freezes).
 
 The data are interleaved sequences of K emoji and their captions (`mmjax/data/interleaved.py`):
-`<image> an emoji of <name>.<eoc> <image> ...`, loss on the caption tokens. The vision tower
-and the LM are frozen; the Perceiver resampler, the media projection (only when the vision
-and LM widths differ) and the tanh-gated cross-attention blocks train. Evaluation: 0/1/4-shot
-ranking of candidate names for emoji of the held-out style (`mmjax/evals/fewshot.py`).
+`<image> an emoji of <name>.<eoc> <image> ...`, loss on the caption tokens; half of the chunks
+after the first show again the thing of an earlier chunk in another drawing style.
+Evaluation: 0/1/4-shot ranking of candidate names for emoji of the held-out style
+(`mmjax/evals/fewshot.py`), with the demonstrations drawn from the candidates (`fewshot`) or
+from other names (`fewshot_format`: they show only the format).
 
-  # a CLIP of ours gives the vision tower, a text-only LLaVA run the LM
+  # a CLIP of ours gives the vision tower; the LM learns the interleaved text first
   python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
-  python -m mmjax.train --config configs/llava.py:small,text_only --workdir workdirs/lm_small
+  python -m mmjax.train --config configs/flamingo.py:small,lm --workdir workdirs/flamingo_lm
   python -m mmjax.train --config configs/flamingo.py:small \
-      --config.init.vision_from=workdirs/clip_small --config.init.lm_from=workdirs/lm_small \
+      --config.init.vision_from=workdirs/clip_small --config.init.lm_from=workdirs/flamingo_lm \
       --workdir workdirs/flamingo_small
 """
 
@@ -23,20 +29,31 @@ from ml_collections import config_dict
 # chunk), <image>.
 VOCAB_SIZE = 260
 
+# `config.trainable` of each stage: a regex over '/'-joined param paths (mmjax.train).
+TRAINABLE = {
+    'xattn': r'(resampler|gated_xattn|media_projection)/.*',
+    'lm': r'lm/.*',
+}
 
-def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
+
+def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
+  variant, _, stage = arg.partition(',')
+  stage = stage or 'xattn'
+  if stage not in TRAINABLE:
+    raise ValueError(f'configs/flamingo.py: unknown stage {stage!r}; use one of '
+                     f'{list(TRAINABLE)}')
   config = config_dict.ConfigDict()
-  config.variant = variant
+  config.variant = arg
   config.task = 'flamingo'
   config.seed = 0
-  # `config.trainable`: a regex over '/'-joined param paths (mmjax.train); LM and vision frozen.
-  config.trainable = r'(resampler|gated_xattn|media_projection)/.*'
+  config.trainable = TRAINABLE[stage]
 
   config.data = dict(
       data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
       image_size=8,
       images_per_sequence=3,  # K (image, caption) chunks per training sequence
       max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
+      repeat_prob=0.5,  # chunk j > 0 shows an earlier chunk's thing again (another drawing)
       augment=True,
       worker_count=0,
   )
@@ -60,7 +77,7 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
   )
   # Pretrained parts loaded into fresh params (not on resume); '' = none. Each is a workdir
   # of ours (the newest checkpoint): vision_from a CLIP run (its image tower), lm_from a
-  # LLaVA text_only run (its LM), params_from a Flamingo run (everything).
+  # LLaVA text_only run or a Flamingo run (its LM), params_from a Flamingo run (everything).
   config.init = dict(vision_from='', lm_from='', params_from='')
   config.loss = dict(z_loss=0.0)
 
@@ -81,16 +98,20 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
   config.keep_checkpoints = 2
   config.record_example_ids = False
 
-  # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations.
-  config.evals = dict(fewshot=dict(type='fewshot', shots=(0, 1, 4), num_queries=256,
-                                   num_candidates=10, batch_size=64, seed=0))
+  # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations
+  # drawn from the candidates (`fewshot`) or from other names (`fewshot_format`).
+  fewshot = dict(type='fewshot', shots=(0, 1, 4), num_queries=256, num_candidates=10,
+                 batch_size=64, seed=0, demonstrations='candidates')
+  config.evals = dict(fewshot=fewshot,
+                      fewshot_format=dict(fewshot, shots=(1, 4), demonstrations='other_names'))
 
   if variant == 'tiny':
-    config.evals.fewshot.update(num_queries=8, num_candidates=4, batch_size=32)
+    for evaluator in config.evals.values():
+      evaluator.update(num_queries=8, num_candidates=4, batch_size=32)
   elif variant == 'small':
     # The vision tower of configs/clip.py:small (32 px, patch 8, width 128, 4 blocks - 1) and
     # the decoder of configs/llava.py:small.
-    config.data.image_size = 32
+    config.data.update(image_size=32, images_per_sequence=4, max_len=160)
     config.model.vision.update(patch_size=8, width=128, depth=3, num_heads=4)
     config.model.resampler.update(num_latents=16, depth=2, num_heads=4, head_dim=32, mlp_ratio=4)
     config.model.language_model.update(width=128, depth=4, num_heads=4, num_kv_heads=2,

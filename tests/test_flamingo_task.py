@@ -76,6 +76,36 @@ def test_interleaved_rows(data_dir):
   assert ((batch['tokens'] == image).sum(axis=1) == 3).all()
 
 
+def test_repeated_things_in_other_drawings(data_dir):
+  names = ['cat', 'dog', 'cat', 'cat', 'dog', 'owl']
+  by_name = interleaved.examples_by_name(names)
+  rng = np.random.default_rng(0)
+  repeat = lambda indices, p: interleaved.with_repeats(indices, rng, names=names,
+                                                       by_name=by_name, repeat_prob=p)
+  np.testing.assert_array_equal(repeat([0, 1, 5], 0.0), [0, 1, 5])
+  # Always repeating: every chunk shows the first chunk's thing, in unused drawings first.
+  indices = repeat([0, 1, 5, 4], 1.0)
+  assert sorted(indices[:3]) == [0, 2, 3] and names[indices[3]] == 'cat'
+  assert names[repeat([5, 1], 1.0)[1]] == 'owl'  # no other drawing: the same again
+
+  batch = next(interleaved.train_iterator(
+      data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
+      image_size=8, global_batch_size=64, seed=0, repeat_prob=0.5))
+  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  train_by_name = interleaved.examples_by_name(train_names)
+  repeats = new_drawings = 0
+  for ids in batch['example_id']:
+    for j in range(1, 4):
+      earlier = [train_names[i] for i in ids[:j]]
+      if train_names[ids[j]] in earlier:
+        repeats += 1
+        all_used = set(train_by_name[train_names[ids[j]]]) <= set(ids[:j])
+        new_drawings += ids[j] not in ids[:j] or all_used
+  # 192 chunks after a first, each repeated with probability 0.5 (+ rare chance repeats).
+  assert 0.4 < repeats / 192 < 0.62, repeats
+  assert new_drawings == repeats  # a drawing shows again only when all of them were used
+
+
 @pytest.fixture(scope='module')
 def config(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
@@ -115,12 +145,22 @@ def test_fewshot_evaluator_runs(one_device_run):
   evaluator = trainer.task.evaluators(mesh)['fewshot']
   split = evaluator.splits[4]
   assert split['image'].shape[:2] == (8 * 4, 5)  # 8 queries x 4 candidates; 4 demos + query
-  for split in evaluator.splits.values():
+  for k, split in evaluator.splits.items():
     answers = [names[i] for names, i in zip(split['candidates'], split['answer_index'])]
     assert answers == split['answer']
+    # The demonstrations are k distinct candidates; with 4 of 4, the answer is always shown.
+    for names, demos in zip(split['candidates'], split['demonstrations']):
+      assert len(set(demos)) == len(demos) == k and set(demos) <= set(names)
+    np.testing.assert_array_equal(split['answer_shown'],
+                                  [a in d for a, d in zip(answers, split['demonstrations'])])
+    assert split['answer_shown'].all() == (k == 4)
+  format_split = trainer.task.evaluators(mesh)['fewshot_format'].splits[4]
+  for answer, demos in zip(format_split['answer'], format_split['demonstrations']):
+    assert answer not in demos
   metrics = evaluator.run(state['params'])
-  assert set(metrics) == {f'{k}shot/{m}' for k in (0, 1, 4)
-                          for m in ('accuracy', 'num_examples')}
+  assert {f'{k}shot/{m}' for k in (0, 1, 4)
+          for m in ('accuracy', 'num_examples')} <= set(metrics)
+  assert '4shot/accuracy_answer_shown' in metrics
   for k in (0, 1, 4):
     assert 0 <= metrics[f'{k}shot/accuracy'] <= 1
     assert metrics[f'{k}shot/num_examples'] == 8
@@ -137,14 +177,21 @@ def test_fewshot_accuracy_of_hand_built_scores():
   split = {'image': np.zeros((n * c, 1, 2, 2, 3), np.float32),
            'tokens': right.reshape(-1, 1), 'targets': np.zeros((n * c, 1), np.int32),
            'loss_weights': np.arange(n * c, dtype=np.float32).reshape(-1, 1),
-           'answer_index': answer_index}
+           'answer_index': answer_index, 'answer_shown': np.array([1, 1, 0, 0, 0], bool)}
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
   knows = fewshot.FewShotEvaluator(
       score_fn=lambda params, batch: batch['tokens'][:, 0].astype(np.float32),
       splits={1: split}, batch_size=4, mesh=mesh)
-  assert knows.run(None) == {'1shot/accuracy': 1.0, '1shot/num_examples': 5}
+  assert knows.run(None) == {'1shot/accuracy': 1.0, '1shot/num_examples': 5,
+                             '1shot/accuracy_answer_shown': 1.0,
+                             '1shot/accuracy_answer_not_shown': 1.0}
   first = fewshot.FewShotEvaluator(  # scores decrease along the rows: candidate 0 wins
       score_fn=lambda params, batch: -batch['loss_weights'][:, 0], splits={0: split},
       batch_size=4, mesh=mesh)
-  assert first.run(None)['0shot/accuracy'] == pytest.approx(2 / 5)
-  assert fewshot.ranking_accuracy(np.array([[1, 1, 0], [0, 2, 1]]), [1, 1]) == 0.5
+  assert first.run(None) == {'0shot/accuracy': pytest.approx(2 / 5), '0shot/num_examples': 5}
+  first.splits = {1: split}  # queries 0 and 1 shown: answers 2 and 0, one right
+  assert first.run(None) == {'1shot/accuracy': pytest.approx(2 / 5), '1shot/num_examples': 5,
+                             '1shot/accuracy_answer_shown': 0.5,
+                             '1shot/accuracy_answer_not_shown': pytest.approx(1 / 3)}
+  np.testing.assert_array_equal(
+      fewshot.ranking_correct(np.array([[1, 1, 0], [0, 2, 1]]), [1, 1]), [False, True])

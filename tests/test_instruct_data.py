@@ -38,7 +38,7 @@ def _take(it, n):
 
 
 def _records(data_dir, dataset, split):
-  source = instruct._source(dataset, split, data_dir)
+  source = instruct.split_source(dataset, split, data_dir)
   return [source[i] for i in range(len(source))]
 
 

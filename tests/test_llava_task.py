@@ -10,7 +10,7 @@ import pytest
 from mmjax import config_lib
 from mmjax import sharding
 from mmjax import train
-from mmjax.tasks import llava as llava_task
+from mmjax.tasks import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAVA = os.path.join(REPO, 'configs', 'llava.py')
@@ -120,7 +120,7 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
 
 
 def _read(workdir):
-  return llava_task.newest_params(workdir)
+  return pretrained.newest_params(workdir)
 
 
 def test_mismatched_pretrained_part_names_the_param(data_dir, tmp_path):

@@ -111,19 +111,13 @@ def _expected_shapes(config: dict) -> tuple[dict, dict]:
   return {path: shape for path, shape in every.items() if path.startswith(_IMPORTED)}, every
 
 
-def _to_numpy(x):
-  if hasattr(x, 'detach'):  # torch.Tensor, possibly bfloat16, which numpy lacks
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, np.float32)
-
-
 def params_from_hf(state_dict, config: dict, base_params=None) -> dict:
   """HF ChameleonVQVAE `state_dict` (torch tensors or numpy) -> float32 numpy params of
   `VQModel(**config)`; the decoder from `base_params` (default: init with seed 0).
 
   Raises ValueError naming every HF key missing, unused or mis-shaped.
   """
-  arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+  arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   imported_shapes, every = _expected_shapes(config)
   imported = weight_map.to_ours(arrays, rules(config), imported_shapes)
   base = _flat(base_params) if base_params is not None else _flat(_init(config))

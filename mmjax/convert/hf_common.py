@@ -37,7 +37,9 @@ _POSITIONS_KEY = 'vision_model.embeddings.position_embedding.weight'
 _MODULES = {'image': ViT, 'text': TextTower}
 
 
-def _tower_config(hf_tower, scan):
+def tower_config(hf_tower, scan) -> dict:
+  """The width, depth, heads, MLP ratio and activation of an HF CLIP/SigLIP tower config, as
+  kwargs of our towers (`scan`: blocks stacked)."""
   if hf_tower.hidden_act not in ACTIVATIONS:
     raise ValueError(f'unsupported hidden_act {hf_tower.hidden_act!r}; '
                      f'supported: {sorted(ACTIVATIONS)}')
@@ -55,9 +57,9 @@ def config_from_hf(hf_config, layout: dict, *, scan: bool, **clip_kwargs) -> dic
   """HF config's two towers + `layout` + `clip_kwargs` -> kwargs for `CLIP(...)`."""
   vision, text = hf_config.vision_config, hf_config.text_config
   return dict(
-      image=dict(patch_size=vision.patch_size, **_tower_config(vision, scan), **layout['image']),
+      image=dict(patch_size=vision.patch_size, **tower_config(vision, scan), **layout['image']),
       text=dict(vocab_size=text.vocab_size, context_length=text.max_position_embeddings,
-                **_tower_config(text, scan), **layout['text']),
+                **tower_config(text, scan), **layout['text']),
       **{option: value for option, value in layout.items() if option not in _MODULES},
       **clip_kwargs)
 
@@ -141,18 +143,12 @@ def _num_positions(array):
   return array.shape[0] if array is not None and array.ndim else None
 
 
-def _to_numpy(x):
-  if hasattr(x, 'detach'):  # torch.Tensor, possibly bfloat16, which numpy lacks
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, np.float32)
-
-
 def params_from_hf(state_dict, config: dict, rules: list[weight_map.Rule]) -> dict:
   """HF `state_dict` (torch tensors or numpy arrays) -> our float32 numpy params, by `rules`.
 
   HF `position_ids` buffers, which older checkpoints saved, are ignored.
   """
-  arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+  arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   expected = _expected_shapes(config, _num_positions(arrays.get(_POSITIONS_KEY)))
   flat = weight_map.to_ours(arrays, rules, expected, _stacked(config),
                             ignore=lambda key: key.endswith('.position_ids'))

@@ -49,7 +49,7 @@ def rules(config: dict, prefix: str = PREFIX) -> list[weight_map.Rule]:
     result += [
         weight_map.one(f'{hf}.input_latents_norm.weight', f'{ours}/ln_latents/scale'),
         weight_map.one(f'{hf}.input_context_norm.weight', f'{ours}/ln_features/scale'),
-        *hf_llama._attention(  # pylint: disable=protected-access
+        *hf_llama.attention_rules(
             f'{hf}.self_attn', f'{ours}/attn', config['num_heads'], config['num_kv_heads'],
             bias=False),
         weight_map.one(f'{hf}.post_attention_layernorm.weight', f'{ours}/ln_mlp/scale'),
@@ -76,8 +76,8 @@ def params_from_hf(state_dict, config: dict, *, prefix: str = PREFIX) -> dict:
   `config` is `config_from_hf(...)`; the width is that of HF's `latents`. Raises ValueError
   naming every resampler tensor missing, unused or mis-shaped.
   """
-  arrays = {key: hf_llama._to_numpy(value)  # pylint: disable=protected-access
-            for key, value in state_dict.items() if key.startswith(prefix)}
+  arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()
+            if key.startswith(prefix)}
   if f'{prefix}latents' not in arrays:
     raise ValueError(f'HF key missing: {prefix}latents (is prefix={prefix!r} right?)')
   width = arrays[f'{prefix}latents'].shape[-1]

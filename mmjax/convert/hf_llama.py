@@ -63,8 +63,8 @@ def config_from_hf(hf_config, *, scan: bool = True) -> dict:
       tie_embeddings=bool(hf_config.tie_word_embeddings), scan=scan)
 
 
-def _attention(hf: str, ours: str, num_heads: int, num_kv_heads: int,
-               bias: bool) -> list[weight_map.Rule]:
+def attention_rules(hf: str, ours: str, num_heads: int, num_kv_heads: int,
+                    bias: bool) -> list[weight_map.Rule]:
   """HF `{q,k,v,o}_proj` (`[heads * head_dim, width]`) <-> `layers.Attention` kernels."""
   rules = []
   for hf_name, name, heads in (('q_proj', 'query', num_heads), ('k_proj', 'key', num_kv_heads),
@@ -100,7 +100,7 @@ def rules(config: dict, *, hf_prefix: str = 'model.', lm_head_key: str = 'lm_hea
     hf, ours = f'{hf_prefix}layers.{i}', f'{path}decoder/block_{i}'
     result += [
         _rms_norm(f'{hf}.input_layernorm', f'{ours}/ln_attn'),
-        *_attention(f'{hf}.self_attn', f'{ours}/attn', config['num_heads'], num_kv_heads,
+        *attention_rules(f'{hf}.self_attn', f'{ours}/attn', config['num_heads'], num_kv_heads,
                     config.get('attention_bias', False)),
         _rms_norm(f'{hf}.post_attention_layernorm', f'{ours}/ln_mlp'),
         *weight_map.linear(f'{hf}.mlp.gate_proj', f'{ours}/mlp/gate', bias=False),
@@ -127,12 +127,6 @@ def expected_shapes(config: dict, path: str = '') -> dict[str, tuple[int, ...]]:
           for name, leaf in flax.traverse_util.flatten_dict(shapes, sep='/').items()}
 
 
-def _to_numpy(x):
-  if hasattr(x, 'detach'):  # torch.Tensor, possibly bfloat16, which numpy lacks
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, np.float32)
-
-
 def params_from_hf(state_dict, config: dict, *, hf_prefix: str = 'model.',
                    lm_head_key: str = 'lm_head.weight') -> dict:
   """HF LlamaForCausalLM `state_dict` (torch tensors or numpy) -> our float32 numpy params.
@@ -141,7 +135,7 @@ def params_from_hf(state_dict, config: dict, *, hf_prefix: str = 'model.',
   into, whether blocks are stacked (`scan`). Raises ValueError naming every HF key
   missing, unused or mis-shaped.
   """
-  arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+  arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   tied = config.get('tie_embeddings', False)
   flat = weight_map.to_ours(arrays, rules(config, hf_prefix=hf_prefix, lm_head_key=lm_head_key),
                             expected_shapes(config), stacked(config),

@@ -67,7 +67,7 @@ def config_from_hf(hf_config, *, scan: bool = True) -> dict:
   image_layout = {option: value for option, value in hf_clip.LAYOUT['image'].items()
                   if option != 'pool'}
   vision_kwargs = dict(patch_size=vision.patch_size,
-                       **hf_common._tower_config(vision, scan),  # pylint: disable=protected-access
+                       **hf_common.tower_config(vision, scan),
                        **image_layout)
   vision_kwargs['depth'] = layer % (vision.num_hidden_layers + 1)
   language_model = hf_llama.config_from_hf(hf_config.text_config, scan=scan)
@@ -131,12 +131,6 @@ def _expected_shapes(config: dict, num_positions: int | None) -> dict[str, tuple
           for path, leaf in flax.traverse_util.flatten_dict(shapes, sep='/').items()}
 
 
-def _to_numpy(x):
-  if hasattr(x, 'detach'):  # torch.Tensor, possibly bfloat16, which numpy lacks
-    x = x.detach().cpu().float().numpy()
-  return np.asarray(x, np.float32)
-
-
 def params_from_hf(state_dict, config: dict) -> dict:
   """HF LlavaForConditionalGeneration `state_dict` (torch or numpy) -> our float32 numpy params.
 
@@ -144,7 +138,7 @@ def params_from_hf(state_dict, config: dict) -> dict:
   `post_layernorm` and, with tied embeddings, `lm_head.weight` are not used. Raises
   ValueError naming every other HF key missing, unused or mis-shaped.
   """
-  arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+  arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   if config.get('projector_kind', 'mlp') == 'linear':
     arrays = _compose_linear_projector(arrays, config.get('projector_bias', True))
   depth = config['vision']['depth']

@@ -18,6 +18,13 @@ from typing import Callable
 import numpy as np
 
 
+def to_numpy(x) -> np.ndarray:
+  """A torch tensor (any dtype, bfloat16 included, which numpy lacks) or array -> float32."""
+  if hasattr(x, 'detach'):
+    x = x.detach().cpu().float().numpy()
+  return np.asarray(x, np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """HF tensor `hf_key` <-> our params `paths` (blocks unstacked).

@@ -182,9 +182,9 @@ def eval_prompt(tokenizer, question: str, *, num_image_tokens: int,
 
 
 @functools.lru_cache(maxsize=None)
-def _texts(dataset: str, split: str, data_dir: str) -> tuple[dict[str, str], ...]:
+def split_texts(dataset: str, split: str, data_dir: str) -> tuple[dict[str, str], ...]:
   """The text fields of each example of a split, read once per process."""
-  source = _source(dataset, split, data_dir)
+  source = split_source(dataset, split, data_dir)
   return tuple({key: value.decode() for key, value in source[i].items()
                 if isinstance(value, bytes)} for i in range(len(source)))
 
@@ -205,11 +205,12 @@ def _answers(kind: QuestionKind, texts) -> tuple[np.ndarray, list[str]]:
   return indices, [answers[i] for i in indices]
 
 
-def _source(dataset: str, split: str, data_dir: str):
+def split_source(dataset: str, split: str, data_dir: str):
+  """The random-access grain source of a built dataset's split."""
   return pipeline.prepared(dataset, data_dir).as_data_source(split)
 
 
-def _image(image: np.ndarray, dataset: str, image_size: int, rng=None) -> np.ndarray:
+def prepare_image(image: np.ndarray, dataset: str, image_size: int, rng=None) -> np.ndarray:
   """uint8 [h, w, 3] -> float32 [S, S, 3] in [-1, 1]; with `rng`, the random crop and colour
   jitter of `pipeline.train_iterator` for `dataset`."""
   area = pipeline.CROP_AREA[dataset] if rng is not None else None
@@ -224,7 +225,7 @@ def _train_example(position, rng, *, source, dataset, indices, rows, kind_id, im
   """Element `position` of one kind's stream, its image randomised by `rng`."""
   index = int(indices[position])
   return {
-      'image': _image(source[index]['image'], dataset, image_size, rng if augment else None),
+      'image': prepare_image(source[index]['image'], dataset, image_size, rng if augment else None),
       'tokens': rows['tokens'][position],
       'targets': rows['targets'][position],
       'loss_weights': rows['loss_weights'][position],
@@ -244,18 +245,13 @@ def train_iterator(data_dir: str, *, tokenizer, weights, num_image_tokens: int, 
   [b, L], loss_weights float32 [b, L] (see `training_rows`), example_id int32 [b] (index in
   the dataset's train split) and kind int32 [b] (index in `QUESTION_KINDS`).
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
   kinds = select_kinds(weights)
   streams = []
   for name in kinds:
     kind, kind_id = QUESTION_KINDS[name], list(QUESTION_KINDS).index(name)
     split = TRAIN_SPLITS[kind.dataset]
-    source = _source(kind.dataset, split, data_dir)
-    indices, answers = _answers(kind, _texts(kind.dataset, split, data_dir))
+    source = split_source(kind.dataset, split, data_dir)
+    indices, answers = _answers(kind, split_texts(kind.dataset, split, data_dir))
     rows = training_rows(tokenizer, kind.question, answers, num_image_tokens=num_image_tokens,
                          max_len=max_len)
     cut_questions, cut_answers = rows.pop('question_cut').sum(), rows.pop('answer_cut').sum()
@@ -270,13 +266,9 @@ def train_iterator(data_dir: str, *, tokenizer, weights, num_image_tokens: int, 
     streams.append(grain.MapDataset.range(len(indices)).shuffle(seed=int(shuffle_seed))
                    .repeat().random_map(example, seed=int(map_seed)))
   ds = grain.MapDataset.mix(streams, list(kinds.values()))
-  # Host p takes every P-th batch of b consecutive elements: the p-th block of each global batch.
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds[process_index::process_count].to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
-  if worker_count:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(ds)
+  return pipeline.host_batches(ds, global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count,
+                               worker_count=worker_count)
 
 
 def load_eval(data_dir: str, *, tokenizer, kinds, num_image_tokens: int, image_size: int,
@@ -294,10 +286,10 @@ def load_eval(data_dir: str, *, tokenizer, kinds, num_image_tokens: int, image_s
     kind = QUESTION_KINDS[name]
     split = EVAL_SPLITS[kind.dataset]
     if kind.dataset not in images:
-      source = _source(kind.dataset, split, data_dir)
-      images[kind.dataset] = np.stack([_image(source[i]['image'], kind.dataset, image_size)
+      source = split_source(kind.dataset, split, data_dir)
+      images[kind.dataset] = np.stack([prepare_image(source[i]['image'], kind.dataset, image_size)
                                        for i in range(len(source))])
-    indices, answers = _answers(kind, _texts(kind.dataset, split, data_dir))
+    indices, answers = _answers(kind, split_texts(kind.dataset, split, data_dir))
     tokens, mask = eval_prompt(tokenizer, kind.question, num_image_tokens=num_image_tokens,
                                prompt_len=prompt_len)
     splits[name] = {

@@ -5,6 +5,12 @@ styles), right padded to L = max_len:
 
   [BOS] <image> 'an emoji of <name>.' [EOC] <image> 'an emoji of <name>.' [EOC] ... [PAD]...
 
+As on web pages, a sequence may show the same thing twice: with probability `repeat_prob`,
+chunk j > 0 names a thing of an earlier chunk (one of them, uniformly) with another picture of
+it (a drawing style not yet used in the sequence when the name has one left; else another
+random crop of the same drawing). Naming a repeat is easy only for a model that matches the
+picture to the earlier one and copies its name: what few-shot prompting asks of it.
+
 Ids are `instruct.ByteLMTokenizer`'s: `<image>` is its IMAGE_ID (259), the end of chunk EOC
 its EOS (258). The loss is on the caption tokens and the EOC after each (targets that are
 `<image>`, BOS or pad have weight 0). A sequence longer than L is cut at L; the images whose
@@ -16,8 +22,12 @@ C - 1 other training names), a row
 
   [BOS] (<image> 'an emoji of <demo name>.' [EOC]) * shots <image> 'an emoji of <candidate>.'
 
-weighted on ' <candidate>.' only; the demonstrations are random training examples of other
-names than the query's, the same for all C rows of a query.
+weighted on ' <candidate>.' only; the demonstrations are the same for all C rows of a query:
+with `demonstrations='candidates'` (the default, as Flamingo's few-shot classification shows
+examples of the task's labels) k distinct names drawn from the query's C candidates, so the
+right name is among them with probability k / C; with 'other_names', k random training names
+other than the query's (they show only the format). Each demonstration's picture is a random
+training-style drawing of its name.
 
 The train iterator is as `instruct.train_iterator`: everything random is a function of (seed,
 position in the stream), host p of P gets the p-th contiguous block of each global batch, and
@@ -30,6 +40,7 @@ import grain
 import numpy as np
 
 from mmjax.data import instruct
+from mmjax.data import pipeline
 from mmjax.data.tokenizer import BOS_ID, PAD_ID
 
 EOC_ID = instruct.ByteLMTokenizer.eos_id
@@ -69,9 +80,33 @@ def sequence(tokenizer, names, max_len: int) -> dict[str, np.ndarray]:
   return _row(*_chunks(tokenizer, names), max_len)
 
 
-def _train_example(indices, rng, *, source, names, tokenizer, image_size, max_len, augment):
-  """The sequence of the K train examples `indices [K]`, images randomised by `rng`."""
-  images = np.stack([instruct._image(source[int(i)]['image'], 'emoji', image_size,
+def examples_by_name(names) -> dict[str, np.ndarray]:
+  """{name: int [m] indices of its examples (one per drawing style)} of a split's `names`."""
+  by_name = {}
+  for index, name in enumerate(names):
+    by_name.setdefault(name, []).append(index)
+  return {name: np.array(indices) for name, indices in by_name.items()}
+
+
+def with_repeats(indices, rng, *, names, by_name, repeat_prob: float) -> np.ndarray:
+  """`indices [K]` with each chunk j > 0 replaced, with probability `repeat_prob`, by another
+  example of the name of a uniformly chosen earlier chunk (a drawing not used yet in the
+  sequence if the name has one, else the same example again)."""
+  indices = np.array(indices)
+  for j in range(1, len(indices)):
+    if rng.random() < repeat_prob:
+      same = by_name[names[int(indices[rng.integers(j)])]]
+      unused = np.setdiff1d(same, indices[:j])
+      indices[j] = rng.choice(unused if len(unused) else same)
+  return indices
+
+
+def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
+                   augment, repeat_prob):
+  """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
+  `with_repeats`), images randomised by `rng`."""
+  indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob)
+  images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
                                      rng if augment else None) for i in indices])
   return dict(sequence(tokenizer, [names[int(i)] for i in indices], max_len), image=images,
               example_id=np.asarray(indices, np.int32))
@@ -79,7 +114,8 @@ def _train_example(indices, rng, *, source, names, tokenizer, image_size, max_le
 
 def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_len: int,
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, worker_count: int = 0, augment: bool = True):
+                   process_count: int = 1, worker_count: int = 0, augment: bool = True,
+                   repeat_prob: float = 0.0):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
   The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
@@ -87,32 +123,29 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   [b, K, S, S, 3] in [-1, 1] (random crop and colour jitter as `pipeline.train_iterator`),
   tokens and targets int32 [b, L], loss_weights float32 [b, L] (see `sequence`) and
   example_id int32 [b, K] (indices in the emoji train split). The K examples of a sequence
-  are consecutive elements of an endlessly reshuffled stream of the split.
+  are consecutive elements of an endlessly reshuffled stream of the split, some replaced by
+  repeats of earlier chunks' names (`repeat_prob`, see `with_repeats`).
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
-  source = instruct._source('emoji', TRAIN_SPLIT, data_dir)
-  names = [x['name'] for x in instruct._texts('emoji', TRAIN_SPLIT, data_dir)]
+  if not 0.0 <= repeat_prob <= 1.0:
+    raise ValueError(f'repeat_prob={repeat_prob} is not in [0, 1]')
+  source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
+  names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
   shuffle_seed, map_seed = np.random.SeedSequence([seed, 7]).generate_state(2)
-  example = functools.partial(_train_example, source=source, names=names, tokenizer=tokenizer,
-                              image_size=image_size, max_len=max_len, augment=augment)
+  example = functools.partial(_train_example, source=source, names=names,
+                              by_name=examples_by_name(names), tokenizer=tokenizer,
+                              image_size=image_size, max_len=max_len, augment=augment,
+                              repeat_prob=repeat_prob)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))
-  # Host p takes every P-th batch of b consecutive elements: the p-th block of each global batch.
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds[process_index::process_count].to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
-  if worker_count:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(ds)
+  return pipeline.host_batches(ds, global_batch_size=global_batch_size,
+                               process_index=process_index, process_count=process_count,
+                               worker_count=worker_count)
 
 
 def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
-                 image_size: int, seed: int = 0) -> dict[int, dict]:
+                 image_size: int, seed: int = 0,
+                 demonstrations: str = 'candidates') -> dict[int, dict]:
   """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
 
   The same n = num_queries query images (the first n of a seeded shuffle of `test_seen`) and
@@ -120,11 +153,15 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
   float32 [n * C, k + 1, S, S, 3] (demonstrations then the query), 'tokens', 'targets' int32
   [n * C, L_k], 'loss_weights' float32 [n * C, L_k] (1 on ' <candidate>.'), 'answer_index'
   int [n] (the right candidate's index in 0..C-1), 'candidates': n lists of C names,
-  'answer': n names, 'example_id': int32 [n] (index in `test_seen`)}}; row q * C + c is
+  'answer': n names, 'example_id': int32 [n] (index in `test_seen`), 'demonstrations': n
+  lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row q * C + c is
   query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
+  `demonstrations`: 'candidates' or 'other_names' (see the module docstring).
   """
-  train_names = [x['name'] for x in instruct._texts('emoji', TRAIN_SPLIT, data_dir)]
-  query_names = [x['name'] for x in instruct._texts('emoji', FEWSHOT_SPLIT, data_dir)]
+  if demonstrations not in ('candidates', 'other_names'):
+    raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
+  train_names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
+  query_names = [x['name'] for x in instruct.split_texts('emoji', FEWSHOT_SPLIT, data_dir)]
   vocabulary = sorted(set(train_names))
   if num_candidates > len(vocabulary):
     raise ValueError(f'num_candidates={num_candidates}: only {len(vocabulary)} names')
@@ -137,18 +174,26 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
               if n != query_names[query]][:num_candidates - 1]
     candidates.append(others[:right] + [query_names[query]] + others[right:])
 
-  train_source = instruct._source('emoji', TRAIN_SPLIT, data_dir)
-  query_source = instruct._source('emoji', FEWSHOT_SPLIT, data_dir)
-  image = lambda source, i: instruct._image(source[int(i)]['image'], 'emoji', image_size)
+  train_source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
+  query_source = instruct.split_source('emoji', FEWSHOT_SPLIT, data_dir)
+  image = lambda source, i: instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size)
   query_images = [image(query_source, q) for q in queries]
+  by_name = examples_by_name(train_names)
   splits = {}
   for k in shots:
+    if demonstrations == 'candidates' and k > num_candidates:
+      raise ValueError(f'{k} demonstrations from {num_candidates} candidates: at most one each')
     demo_rng = np.random.default_rng([seed, k])
-    ids, weighted, images = [], [], []
+    ids, weighted, images, demo_names = [], [], [], []
     for query, names, query_image in zip(queries, candidates, query_images):
-      allowed = np.flatnonzero(np.array(train_names) != query_names[query])
-      demos = demo_rng.choice(allowed, k, replace=False)
-      context, _ = _chunks(tokenizer, [train_names[d] for d in demos])
+      if demonstrations == 'candidates':
+        demos = [demo_rng.choice(by_name[name])
+                 for name in demo_rng.choice(names, k, replace=False)]
+      else:
+        allowed = np.flatnonzero(np.array(train_names) != query_names[query])
+        demos = demo_rng.choice(allowed, k, replace=False)
+      demo_names.append([train_names[d] for d in demos])
+      context, _ = _chunks(tokenizer, demo_names[-1])
       prompt = np.concatenate([context, [tokenizer.image_id],
                                tokenizer.encode_text(CAPTION_PREFIX)])
       row_images = np.stack([image(train_source, d) for d in demos] + [query_image])
@@ -160,7 +205,9 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
     length = -(-max(len(x) for x in ids) // 8) * 8
     rows = [_row(x, w, length) for x, w in zip(ids, weighted)]
     splits[k] = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    answers = [query_names[q] for q in queries]
     splits[k].update(image=np.stack(images), answer_index=answer_index, candidates=candidates,
-                     answer=[query_names[q] for q in queries],
-                     example_id=queries.astype(np.int32))
+                     answer=answers, example_id=queries.astype(np.int32),
+                     demonstrations=demo_names,
+                     answer_shown=np.array([a in d for a, d in zip(answers, demo_names)]))
   return splits

@@ -186,24 +186,34 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
   'example_id': int32 [b]} with b = global_batch_size // process_count. Supports
   `get_state()`/`set_state()` and `grain.checkpoint.CheckpointSave/Restore`.
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
-  local_batch_size = global_batch_size // process_count
   source = prepared(name, data_dir).as_data_source('train')
   example = functools.partial(
       _train_example, source=source, name=name, tokenizer=tokenizer, image_size=image_size,
       max_text_len=max_text_len, augment=augment)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
   ds = ds.random_map(example)  # The rng depends on (seed, position): augmentations resume exactly.
-  # Lazy batches of b consecutive elements; host p takes every P-th starting at p, i.e. the
-  # p-th block of each global batch, and computes only its own elements.
-  ds = ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-  # Batch before `to_iter_dataset`: worker processes then split whole batches, so the
-  # sequence of batches is the same for any `worker_count`.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
+  return host_batches(ds, global_batch_size=global_batch_size, process_index=process_index,
+                      process_count=process_count, worker_count=worker_count)
+
+
+def host_batches(ds, *, global_batch_size: int, process_index: int, process_count: int,
+                 worker_count: int):
+  """Iterator of this host's batches of the endless `grain.MapDataset` of examples `ds`.
+
+  Lazy batches of b = global_batch_size // process_count consecutive elements; host p takes
+  every P-th starting at p, i.e. the p-th block of each global batch, and computes only its
+  own elements. Batching comes before `to_iter_dataset`: worker processes then split whole
+  batches, so the sequence of batches is the same for any `worker_count`. The iterator
+  supports `get_state()`/`set_state()` and `grain.checkpoint.CheckpointSave/Restore`.
+  """
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count].to_iter_dataset(
+      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if worker_count:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
@@ -227,18 +237,9 @@ def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_ba
   the same order, host blocks and checkpointable state as `train_iterator`, and its
   augmentations (`jitter=False`: the random crop only, no colour jitter or blur).
   """
-  if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
-                     f'process_count={process_count}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} not in [0, {process_count})')
   source = prepared(name, data_dir).as_data_source('train')
   example = functools.partial(_image_example, source=source, name=name, image_size=image_size,
                               augment=augment, jitter=jitter)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().random_map(example)
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  ds = ds[process_index::process_count].to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
-  if worker_count:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return iter(ds)
+  return host_batches(ds, global_batch_size=global_batch_size, process_index=process_index,
+                      process_count=process_count, worker_count=worker_count)

@@ -21,10 +21,12 @@ def round_to_mesh(batch_size: int, mesh) -> int:
 
 
 class BatchedApply:
-  """`self(params, inputs [n, ...]) -> np.ndarray [n, ...]`: `fn` applied batch by batch.
+  """`self(params, inputs) -> np.ndarray [n, ...]`: `fn` applied batch by batch.
 
+  `inputs` is an array [n, ...] or a dict (any pytree) of arrays [n, ...].
   fn(params, batch [b, ...]) -> [b, ...] is jitted once; its outputs come back replicated
-  (so every host sees all of them) as numpy arrays.
+  (so every host sees all of them) as numpy arrays. The last batch is padded with copies of
+  its last real row (valid input for any fn, e.g. no empty prompts), whose outputs are dropped.
   """
 
   def __init__(self, fn, mesh, batch_size: int):
@@ -33,17 +35,23 @@ class BatchedApply:
     self._fn = jax.jit(fn, out_shardings=sharding.replicated(mesh))
     self._batch_sharding = sharding.batch_sharding(mesh)
 
-  def __call__(self, params, inputs: np.ndarray) -> np.ndarray:
-    inputs = np.asarray(inputs)
-    if not len(inputs):
+  def __call__(self, params, inputs) -> np.ndarray:
+    inputs = jax.tree.map(np.asarray, inputs)
+    lengths = {len(x) for x in jax.tree.leaves(inputs)}
+    if len(lengths) != 1:
+      raise ValueError(f'inputs of different lengths: {sorted(lengths)}')
+    n = lengths.pop()
+    if not n:
       raise ValueError('no inputs to evaluate on (empty eval split?)')
     outputs = []
-    for start in range(0, len(inputs), self.batch_size):
-      chunk = inputs[start:start + self.batch_size]
-      real = len(chunk)
-      padding = np.zeros((self.batch_size - real,) + chunk.shape[1:], chunk.dtype)
+    for start in range(0, n, self.batch_size):
+      real = min(self.batch_size, n - start)
+      padded = jax.tree.map(
+          lambda x: np.concatenate([x[start:start + real],
+                                    np.repeat(x[start + real - 1:start + real],
+                                              self.batch_size - real, 0)]), inputs)
       with sharding.activate(self.mesh):
-        result = self._fn(params, sharding.put_replicated_data(
-            np.concatenate([chunk, padding]), self._batch_sharding))
-      outputs.append(np.asarray(result)[:real])
+        batch = jax.tree.map(
+            lambda x: sharding.put_replicated_data(x, self._batch_sharding), padded)
+        outputs.append(np.asarray(self._fn(params, batch))[:real])
     return np.concatenate(outputs)

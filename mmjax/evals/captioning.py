@@ -14,12 +14,10 @@ import os
 import re
 import unicodedata
 
-import jax
 import numpy as np
 from pycocoevalcap.cider.cider import Cider
 import sacrebleu
 
-from mmjax import sharding
 from mmjax.data import instruct
 from mmjax.evals.batching import BatchedApply
 
@@ -55,26 +53,6 @@ def bleu4(predictions, references) -> float:
                                      lowercase=True).score)
 
 
-class _BatchedDictApply(BatchedApply):
-  """`BatchedApply` over dicts of arrays [n, ...]; padding rows repeat the last real row (no
-  empty prompts), and are dropped from the outputs."""
-
-  def __call__(self, params, inputs: dict) -> np.ndarray:
-    n = len(next(iter(inputs.values())))
-    outputs = []
-    for start in range(0, n, self.batch_size):
-      chunk = {key: np.asarray(value[start:start + self.batch_size])
-               for key, value in inputs.items()}
-      real = len(next(iter(chunk.values())))
-      padded = {key: np.concatenate([value, np.repeat(value[-1:], self.batch_size - real, 0)])
-                for key, value in chunk.items()}
-      with sharding.activate(self.mesh):
-        batch = jax.tree.map(
-            lambda x: sharding.put_replicated_data(x, self._batch_sharding), padded)
-        outputs.append(np.asarray(self._fn(params, batch))[:real])
-    return np.concatenate(outputs)
-
-
 class AnswerEvaluator:
   """`run(params)` -> `{'<kind>/exact_match', '<kind>/num_examples'}` per kind, plus
   `'<kind>/cider'` and `'<kind>/bleu4'` for caption kinds.
@@ -92,7 +70,7 @@ class AnswerEvaluator:
     self.splits = splits
     self.caption_kinds = set(caption_kinds)
     self.tokenizer = tokenizer
-    self._answer = _BatchedDictApply(answer_fn, mesh, batch_size)
+    self._answer = BatchedApply(answer_fn, mesh, batch_size)
     self._last = {}
 
   def predictions(self, params, split: dict) -> list[str]:

@@ -2,10 +2,13 @@
 
 For k in `shots`, every query (an emoji image of the held-out style) comes with C candidate
 names (the right one among C - 1 other training names) and k demonstrations (image, caption)
-before it (`mmjax.data.interleaved.load_fewshot`). The model scores each candidate by the mean
+before it (`mmjax.data.interleaved.load_fewshot`): by default k of the C candidates, each shown
+with a training-style drawing, so the answer is shown with probability k / C. The model scores each candidate by the mean
 log-probability of ' <name>.' after `... <image> 'an emoji of'`; the prediction is the best
 scored candidate (the first on ties). Metrics per k: `<k>shot/accuracy` (fraction of queries
-whose prediction is the right name; chance 1 / C) and `<k>shot/num_examples`.
+whose prediction is the right name; chance 1 / C), `<k>shot/num_examples` and, for k > 0, the
+accuracy over the queries whose answer a demonstration shows and over the others
+(`<k>shot/accuracy_answer_shown`, `<k>shot/accuracy_answer_not_shown`; absent when empty).
 
 `score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
 'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
@@ -14,14 +17,15 @@ whose prediction is the right name; chance 1 / C) and `<k>shot/num_examples`.
 import numpy as np
 
 from mmjax.data import interleaved
-from mmjax.evals.captioning import _BatchedDictApply
+from mmjax.evals.batching import BatchedApply
 
 ROW_KEYS = ('image', 'tokens', 'targets', 'loss_weights')
 
 
-def ranking_accuracy(scores, answer_index) -> float:
-  """Fraction of rows of `scores [n, C]` whose argmax (first on ties) is `answer_index [n]`."""
-  return float(np.mean(np.argmax(scores, axis=1) == np.asarray(answer_index)))
+def ranking_correct(scores, answer_index) -> np.ndarray:
+  """bool [n]: whether each row of `scores [n, C]` has its argmax (first on ties) at
+  `answer_index [n]`."""
+  return np.argmax(scores, axis=1) == np.asarray(answer_index)
 
 
 class FewShotEvaluator:
@@ -35,7 +39,7 @@ class FewShotEvaluator:
     if not splits:
       raise ValueError('no shot counts to evaluate')
     self.splits = splits
-    self._score = _BatchedDictApply(score_fn, mesh, batch_size)
+    self._score = BatchedApply(score_fn, mesh, batch_size)
 
   def scores(self, params, split: dict) -> np.ndarray:
     """float [n, C]: each query's candidate scores."""
@@ -45,14 +49,19 @@ class FewShotEvaluator:
   def run(self, params) -> dict[str, float]:
     metrics = {}
     for k, split in self.splits.items():
-      metrics[f'{k}shot/accuracy'] = ranking_accuracy(self.scores(params, split),
-                                                      split['answer_index'])
-      metrics[f'{k}shot/num_examples'] = len(split['answer_index'])
+      right = ranking_correct(self.scores(params, split), split['answer_index'])
+      metrics[f'{k}shot/accuracy'] = float(np.mean(right))
+      metrics[f'{k}shot/num_examples'] = len(right)
+      shown = np.asarray(split['answer_shown'])
+      for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
+        if k and subset.any():
+          metrics[f'{k}shot/accuracy_{name}'] = float(np.mean(right[subset]))
     return metrics
 
 
 def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
-  """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed.
+  """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
+  demonstrations ('candidates' (default) or 'other_names', see `interleaved.load_fewshot`).
 
   The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
   built) and `config.data.image_size`.
@@ -60,6 +69,7 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   splits = interleaved.load_fewshot(
       task.data_dir, tokenizer=task.tokenizer, shots=tuple(eval_config.get('shots', (0, 1, 4))),
       num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
-      image_size=task.config.data.image_size, seed=eval_config.get('seed', 0))
+      image_size=task.config.data.image_size, seed=eval_config.get('seed', 0),
+      demonstrations=eval_config.get('demonstrations', 'candidates'))
   return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
                           batch_size=eval_config.batch_size, mesh=mesh)

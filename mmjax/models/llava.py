@@ -23,12 +23,11 @@ trains the projector alone ('projector/.*'), stage 2 the projector and the LM
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
 from mmjax.models.decoder import DecoderLM
-from mmjax.models.vit import ViT
+from mmjax.models.vit import ViT, vision_params_from_clip
 
 PROJECTOR_KINDS = ('linear', 'mlp')
 
@@ -119,34 +118,8 @@ class LLaVA(nn.Module):
     return logits
 
   def vision_params_from_clip(self, clip_image_params) -> dict:
-    """One of our CLIP checkpoints' `image_tower` params -> `vision_tower` params here.
-
-    Keeps the embeddings (patches, positions, class token), `ln_pre` and the first
-    `vision['depth']` blocks, drops the later blocks, `ln_post` and any pooling head.
-    The CLIP blocks may be stacked (`transformer/blocks`, scan) or `block_{i}`; they come
-    out as this model's `vision['scan']` wants. Boxed params come out unboxed. Works on
-    an unbound module: `LLaVA(...).vision_params_from_clip(clip_params['image_tower'])`.
-    """
-    depth = self.vision['depth']
-    params = nn.unbox(clip_image_params)
-    transformer = params['transformer']
-    available = (jax.tree.leaves(transformer['blocks'])[0].shape[0] if 'blocks' in transformer
-                 else len(transformer))
-    if available < depth:
-      raise ValueError(f'the CLIP image tower has {available} blocks; the vision tower '
-                       f'needs {depth}')
-
-    def select_blocks(transformer):
-      if 'blocks' in transformer:
-        stacked = jax.tree.map(lambda x: x[:depth], transformer['blocks'])
-      else:
-        stacked = jax.tree.map(lambda *blocks: jnp.stack(blocks),
-                               *[transformer[f'block_{i}'] for i in range(depth)])
-      if self.vision.get('scan', True):
-        return {'blocks': stacked}
-      return {f'block_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
-
-    kept = {name: value for name, value in params.items()
-            if name not in ('transformer', 'ln_post', 'map_head')}
-    kept['transformer'] = jax.jit(select_blocks)(transformer)  # one compile, not one per op
-    return kept
+    """One of our CLIP checkpoints' `image_tower` params -> `vision_tower` params here
+    (`vit.vision_params_from_clip` at this model's vision depth and scan). Works on an
+    unbound module: `LLaVA(...).vision_params_from_clip(clip_params['image_tower'])`."""
+    return vision_params_from_clip(clip_image_params, depth=self.vision['depth'],
+                                   scan=self.vision.get('scan', True))

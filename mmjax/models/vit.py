@@ -8,6 +8,7 @@ a multi-head attention pooling head. Reused by every family that needs image fea
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
@@ -118,3 +119,36 @@ class ViT(nn.Module):
       pooled = MAPHead(self.num_heads, mlp_dim, self.activation, self.layer_norm_eps,
                        self.dtype, name='map_head')(ln_post(tokens))
     return pooled, tokens
+
+
+def vision_params_from_clip(clip_image_params, *, depth: int, scan: bool = True) -> dict:
+  """One of our CLIP checkpoints' `image_tower` params -> the params of a `ViT` of `depth`
+  blocks with `pool='none'` (LLaVA's and Flamingo's vision tower: CLIP's penultimate layer).
+
+  Keeps the embeddings (patches, positions, class token), `ln_pre` and the first `depth`
+  blocks, drops the later blocks, `ln_post` and any pooling head. The CLIP blocks may be
+  stacked (`transformer/blocks`, scan) or `block_{i}`; they come out stacked if `scan`.
+  Boxed params come out unboxed.
+  """
+  params = nn.unbox(clip_image_params)
+  transformer = params['transformer']
+  available = (jax.tree.leaves(transformer['blocks'])[0].shape[0] if 'blocks' in transformer
+               else len(transformer))
+  if available < depth:
+    raise ValueError(f'the CLIP image tower has {available} blocks; the vision tower '
+                     f'needs {depth}')
+
+  def select_blocks(transformer):
+    if 'blocks' in transformer:
+      stacked = jax.tree.map(lambda x: x[:depth], transformer['blocks'])
+    else:
+      stacked = jax.tree.map(lambda *blocks: jnp.stack(blocks),
+                             *[transformer[f'block_{i}'] for i in range(depth)])
+    if scan:
+      return {'blocks': stacked}
+    return {f'block_{i}': jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+
+  kept = {name: value for name, value in params.items()
+          if name not in ('transformer', 'ln_post', 'map_head')}
+  kept['transformer'] = jax.jit(select_blocks)(transformer)  # one compile, not one per op
+  return kept

@@ -26,11 +26,10 @@ from mmjax.data import instruct
 from mmjax.data import interleaved
 from mmjax.models import layers
 from mmjax.models.flamingo import Flamingo
-from mmjax.models.llava import LLaVA
 from mmjax.models.resampler import PerceiverResampler
 from mmjax.models.vit import ViT
+from mmjax.tasks import pretrained
 from mmjax.tasks.base import Task
-from mmjax.tasks.llava import newest_params
 
 
 class FlamingoTask(Task):
@@ -153,25 +152,11 @@ class FlamingoTask(Task):
         max_len=data.max_len, image_size=data.image_size,
         global_batch_size=self.config.batch_size, seed=self.config.seed,
         process_index=process_index, process_count=process_count,
-        worker_count=data.worker_count, augment=data.augment)
+        worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob)
 
   def evaluators(self, mesh):
     return evals.build(self.config.evals, self, mesh)
 
   def pretrained_params(self):
-    """Top-level param subtrees from `config.init` workdirs, as numpy (see the config)."""
-    init = self.config.init
-    loaded = {}
-    if init.params_from:
-      loaded.update(newest_params(init.params_from))
-    if init.vision_from:
-      clip = newest_params(init.vision_from)
-      if 'image_tower' not in clip:
-        raise ValueError(f'config.init.vision_from={init.vision_from!r} holds no CLIP '
-                         f'image tower (top-level params: {sorted(clip)})')
-      cutter = LLaVA(vision=dict(self.config.model.vision), language_model={},
-                     image_token_id=instruct.IMAGE_ID)
-      loaded['vision_tower'] = cutter.vision_params_from_clip(clip['image_tower'])
-    if init.lm_from:
-      loaded['lm'] = newest_params(init.lm_from)['lm']
-    return loaded
+    """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""
+    return pretrained.init_parts(self.config.init, self.config.model.vision)

@@ -15,7 +15,6 @@ text-only loads into LLaVA by name (`config.init.lm_from`).
 import jax
 import jax.numpy as jnp
 
-from mmjax import checkpoint
 from mmjax import config_lib
 from mmjax import evals
 from mmjax import generate
@@ -23,6 +22,7 @@ from mmjax import losses
 from mmjax.data import instruct
 from mmjax.models.decoder import DecoderLM
 from mmjax.models.llava import LLaVA, PROJECTOR_KINDS
+from mmjax.tasks import pretrained
 from mmjax.tasks.base import Task
 
 
@@ -35,15 +35,6 @@ def build_model(config) -> LLaVA:
 
 def build_lm(config) -> DecoderLM:
   return DecoderLM(**config.model.language_model, dtype=jnp.dtype(config.compute_dtype))
-
-
-def newest_params(workdir: str) -> dict:
-  """The params of the newest checkpoint in `workdir` (a training run of ours), as numpy."""
-  reader = checkpoint.CheckpointReader(f'{workdir}/checkpoints')
-  try:
-    return reader.numpy_params(reader.resolve_step(None))
-  finally:
-    reader.close()
 
 
 class LlavaTask(Task):
@@ -147,17 +138,6 @@ class LlavaTask(Task):
     return answer
 
   def pretrained_params(self):
-    """Top-level param subtrees from `config.init` workdirs, as numpy (see the config)."""
-    init = self.config.init
-    loaded = {}
-    if init.params_from:
-      loaded.update(newest_params(init.params_from))
-    if init.vision_from:
-      clip = newest_params(init.vision_from)
-      if 'image_tower' not in clip:
-        raise ValueError(f'config.init.vision_from={init.vision_from!r} holds no CLIP '
-                         f'image tower (top-level params: {sorted(clip)})')
-      loaded['vision_tower'] = self.model.vision_params_from_clip(clip['image_tower'])
-    if init.lm_from:
-      loaded['lm'] = newest_params(init.lm_from)['lm']
-    return loaded
+    """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""
+    return pretrained.init_parts(self.config.init,
+                                 None if self.text_only else self.config.model.vision)
