@@ -513,11 +513,16 @@ def _bench(config, variant, impls, settings):
   print(f'\n{steps} steps per block; {len(times[names[0]])} quiet rounds, each implementation '
         f'once per round in alternating order ({dropped} rounds dropped: other processes above '
         f'{max_load} cores); median block')
-  print('| config | implementation | mmjax ex/s | transformers ex/s | ratio |')
-  print('| --- | --- | --- | --- | --- |')
+  # Each round's own ratio too: the machine's speed drifts between rounds, and a round's two
+  # blocks run back to back, so the paired ratios spread less than the rates do.
+  print('| config | implementation | mmjax ex/s | transformers ex/s | ratio | per-round ratio: '
+        'median [min, max] |')
+  print('| --- | --- | --- | --- | --- | --- |')
   for name in names[:-1]:
+    paired = np.array(times['transformers']) / np.array(times[name])
     print(f'| {variant} | {name} | {rate[name]:.0f} | {rate["transformers"]:.0f} | '
-          f'{rate[name] / rate["transformers"]:.2f} |')
+          f'{rate[name] / rate["transformers"]:.2f} | {np.median(paired):.2f} '
+          f'[{paired.min():.2f}, {paired.max():.2f}] |')
   print('\ncommand: ' + ' '.join([os.path.relpath(sys.executable)] + sys.argv), flush=True)
 
 

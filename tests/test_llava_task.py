@@ -4,6 +4,7 @@ from our own runs, the text-only baseline, and a sharded step equal to one devic
 import os
 
 import jax
+from ml_collections import config_dict
 import numpy as np
 import pytest
 
@@ -107,6 +108,13 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
       np.testing.assert_array_equal(
           value, clip[name.replace("['vision_tower']", "['image_tower']")], err_msg=name)
   assert any(name.startswith("['vision_tower']['transformer']") for name in loaded)
+  # A workdir without the wanted part is named in the error.
+  init = lambda **paths: config_dict.ConfigDict(
+      dict(dict(vision_from='', lm_from='', params_from=''), **paths))
+  with pytest.raises(ValueError, match=r"init.lm_from=.*clip.* holds no LM"):
+    pretrained.init_parts(init(lm_from=clip_dir))
+  with pytest.raises(ValueError, match='init.vision_from=.*lm.* holds no CLIP image tower'):
+    pretrained.init_parts(init(vision_from=lm_dir), dict(depth=1))
 
   # Stage 1 -> stage 2: everything comes from the stage-1 run.
   stage1_dir = _run_to_checkpoint(
