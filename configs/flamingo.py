@@ -13,7 +13,9 @@ The data are interleaved sequences of K emoji and their captions (`mmjax/data/in
 after the first show again the thing of an earlier chunk in another drawing style.
 Evaluation: 0/1/4-shot ranking of candidate names for emoji of the held-out style
 (`mmjax/evals/fewshot.py`), with the demonstrations drawn from the candidates (`fewshot`) or
-from other names (`fewshot_format`: they show only the format).
+from other names (`fewshot_format`: they show only the format), or retrieved among the
+candidates' drawings by the frozen vision tower's similarity to the query (`fewshot_retrieved`:
+RICES, as Flamingo's few-shot classification).
 
   # a CLIP of ours gives the vision tower; the LM learns the interleaved text first
   python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
@@ -99,11 +101,13 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   config.record_example_ids = False
 
   # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations
-  # drawn from the candidates (`fewshot`) or from other names (`fewshot_format`).
+  # drawn from the candidates (`fewshot`), from other names (`fewshot_format`) or the most
+  # similar drawings of the candidates (`fewshot_retrieved`).
   fewshot = dict(type='fewshot', shots=(0, 1, 4), num_queries=256, num_candidates=10,
                  batch_size=64, seed=0, demonstrations='candidates')
   config.evals = dict(fewshot=fewshot,
-                      fewshot_format=dict(fewshot, shots=(1, 4), demonstrations='other_names'))
+                      fewshot_format=dict(fewshot, shots=(1, 4), demonstrations='other_names'),
+                      fewshot_retrieved=dict(fewshot, shots=(1, 4), demonstrations='retrieved'))
 
   if variant == 'tiny':
     for evaluator in config.evals.values():

@@ -5,6 +5,7 @@ ranking evaluator."""
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -161,6 +162,9 @@ def test_fewshot_evaluator_runs(one_device_run):
   assert {f'{k}shot/{m}' for k in (0, 1, 4)
           for m in ('accuracy', 'num_examples')} <= set(metrics)
   assert '4shot/accuracy_answer_shown' in metrics
+  retrieved = trainer.task.evaluators(mesh)['fewshot_retrieved'].run(state['params'])
+  assert {'1shot/accuracy', '4shot/accuracy'} <= set(retrieved)
+  assert retrieved['1shot/num_examples'] == retrieved['4shot/num_examples'] == 8
   for k in (0, 1, 4):
     assert 0 <= metrics[f'{k}shot/accuracy'] <= 1
     assert metrics[f'{k}shot/num_examples'] == 8
@@ -195,3 +199,28 @@ def test_fewshot_accuracy_of_hand_built_scores():
                              '1shot/accuracy_answer_not_shown': pytest.approx(1 / 3)}
   np.testing.assert_array_equal(
       fewshot.ranking_correct(np.array([[1, 1, 0], [0, 2, 1]]), [1, 1]), [False, True])
+
+
+def test_retrieved_demonstrations_are_the_most_similar_candidate_drawings():
+  """RICES: the k drawings of the candidates nearest the query, the nearest last."""
+  directions = np.eye(6, dtype=np.float32)  # one unit direction per train example
+  images = lambda *vectors: np.stack([np.broadcast_to(v, (2, 2, 6))[..., :6] for v in vectors])
+  train = [directions[i] for i in range(6)]
+  train_names = ['cat', 'cat', 'dog', 'dog', 'owl', 'emu']
+  # Query 0 is nearest to example 2 (a dog), then 0 (a cat), then 4 (an owl); example 5 (emu)
+  # is nearer than all but is no candidate.
+  query = 0.5 * directions[0] + 0.8 * directions[2] + 0.3 * directions[4] + 0.9 * directions[5]
+  queries = interleaved.FewShotQueries(
+      images=images(query), answer=['dog'], candidates=[['owl', 'dog', 'cat']],
+      answer_index=np.array([1]), example_id=np.array([0], np.int32), train_names=train_names,
+      train_image=lambda i: images(train[i])[0])
+  embed = lambda params, x: x[:, 0, 0] / jnp.linalg.norm(x[:, 0, 0], axis=-1, keepdims=True)
+  retrieved = fewshot.RetrievedDemonstrations(
+      queries=queries, tokenizer=instruct.ByteLMTokenizer(), shots=(1, 3), embed_fn=embed,
+      mesh=sharding.make_mesh(dict(data=1), jax.devices()[:1]), batch_size=4)
+  assert [list(d) for d in retrieved.demonstrations(None, 1)] == [[2]]
+  assert [list(d) for d in retrieved.demonstrations(None, 3)] == [[4, 0, 2]]
+  splits = retrieved(None)
+  assert splits[3]['demonstrations'] == [['owl', 'cat', 'dog']] and splits[3]['answer_shown'][0]
+  assert splits[3]['image'].shape == (3, 4, 2, 2, 6)  # 3 candidates; 3 demos + the query
+  np.testing.assert_array_equal(splits[3]['image'][0, 2], images(train[2])[0])

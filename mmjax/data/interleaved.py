@@ -34,7 +34,9 @@ position in the stream), host p of P gets the p-th contiguous block of each glob
 `get_state`/`set_state` restore exactly.
 """
 
+import dataclasses
 import functools
+from typing import Callable
 
 import grain
 import numpy as np
@@ -143,23 +145,35 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
                                worker_count=worker_count)
 
 
-def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
-                 image_size: int, seed: int = 0,
-                 demonstrations: str = 'candidates') -> dict[int, dict]:
-  """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
+@dataclasses.dataclass
+class FewShotQueries:
+  """n query images of the held-out style and their C candidate names each.
 
-  The same n = num_queries query images (the first n of a seeded shuffle of `test_seen`) and
-  C = num_candidates candidates per query serve every k in `shots`. Returns {k: {'image':
-  float32 [n * C, k + 1, S, S, 3] (demonstrations then the query), 'tokens', 'targets' int32
-  [n * C, L_k], 'loss_weights' float32 [n * C, L_k] (1 on ' <candidate>.'), 'answer_index'
-  int [n] (the right candidate's index in 0..C-1), 'candidates': n lists of C names,
-  'answer': n names, 'example_id': int32 [n] (index in `test_seen`), 'demonstrations': n
-  lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row q * C + c is
-  query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
-  `demonstrations`: 'candidates' or 'other_names' (see the module docstring).
+  images float32 [n, S, S, 3]; answer: n names; candidates: n lists of C names (the answer at
+  `answer_index` int [n]); example_id int32 [n] (index in `test_seen`); train_names: the name
+  of every `train` example; train_image(i): example i of `train` as float32 [S, S, 3].
   """
-  if demonstrations not in ('candidates', 'other_names'):
-    raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
+  images: np.ndarray
+  answer: list
+  candidates: list
+  answer_index: np.ndarray
+  example_id: np.ndarray
+  train_names: list
+  train_image: Callable[[int], np.ndarray]
+
+  @functools.cached_property
+  def by_name(self) -> dict[str, np.ndarray]:
+    return examples_by_name(self.train_names)
+
+  def candidate_examples(self, q: int) -> np.ndarray:
+    """int [m]: the `train` examples (every drawing) of query q's candidates."""
+    return np.concatenate([self.by_name[name] for name in self.candidates[q]])
+
+
+def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, image_size: int,
+                    seed: int = 0) -> FewShotQueries:
+  """The first n = num_queries of a seeded shuffle of `test_seen`, each with the right name
+  and C - 1 other training names, in a random order (the emoji data built)."""
   train_names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
   query_names = [x['name'] for x in instruct.split_texts('emoji', FEWSHOT_SPLIT, data_dir)]
   vocabulary = sorted(set(train_names))
@@ -173,41 +187,72 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
     others = [n for n in rng.choice(vocabulary, num_candidates, replace=False)
               if n != query_names[query]][:num_candidates - 1]
     candidates.append(others[:right] + [query_names[query]] + others[right:])
-
   train_source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
   query_source = instruct.split_source('emoji', FEWSHOT_SPLIT, data_dir)
   image = lambda source, i: instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size)
-  query_images = [image(query_source, q) for q in queries]
-  by_name = examples_by_name(train_names)
+  return FewShotQueries(
+      images=np.stack([image(query_source, q) for q in queries]),
+      answer=[query_names[q] for q in queries], candidates=candidates,
+      answer_index=answer_index, example_id=queries.astype(np.int32), train_names=train_names,
+      train_image=functools.partial(image, train_source))
+
+
+def fewshot_split(tokenizer, queries: FewShotQueries, demos) -> dict:
+  """Ranking rows of every query with its demonstrations `demos` (n lists of k `train`
+  example indices, in prompt order); the keys of `load_fewshot`'s splits."""
+  ids, weighted, images, demo_names = [], [], [], []
+  for q, names in enumerate(queries.candidates):
+    demo_names.append([queries.train_names[d] for d in demos[q]])
+    context, _ = _chunks(tokenizer, demo_names[-1])
+    prompt = np.concatenate([context, [tokenizer.image_id],
+                             tokenizer.encode_text(CAPTION_PREFIX)])
+    row_images = np.stack([queries.train_image(d) for d in demos[q]] + [queries.images[q]])
+    for name in names:
+      answer = tokenizer.encode_text(f' {name}.')
+      ids.append(np.concatenate([prompt, answer]).astype(np.int32))
+      weighted.append(np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
+      images.append(row_images)
+  length = -(-max(len(x) for x in ids) // 8) * 8
+  rows = [_row(x, w, length) for x, w in zip(ids, weighted)]
+  split = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  split.update(image=np.stack(images), answer_index=queries.answer_index,
+               candidates=queries.candidates, answer=queries.answer,
+               example_id=queries.example_id, demonstrations=demo_names,
+               answer_shown=np.array([a in d for a, d in zip(queries.answer, demo_names)]))
+  return split
+
+
+def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
+                 image_size: int, seed: int = 0,
+                 demonstrations: str = 'candidates') -> dict[int, dict]:
+  """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
+
+  The same queries (`fewshot_queries`) serve every k in `shots`. Returns {k: {'image':
+  float32 [n * C, k + 1, S, S, 3] (demonstrations then the query), 'tokens', 'targets' int32
+  [n * C, L_k], 'loss_weights' float32 [n * C, L_k] (1 on ' <candidate>.'), 'answer_index'
+  int [n] (the right candidate's index in 0..C-1), 'candidates': n lists of C names,
+  'answer': n names, 'example_id': int32 [n] (index in `test_seen`), 'demonstrations': n
+  lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row
+  q * C + c is query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
+  `demonstrations`: 'candidates' or 'other_names' (see the module docstring).
+  """
+  if demonstrations not in ('candidates', 'other_names'):
+    raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
+  queries = fewshot_queries(data_dir, num_queries=num_queries, num_candidates=num_candidates,
+                            image_size=image_size, seed=seed)
+  by_name = queries.by_name
   splits = {}
   for k in shots:
     if demonstrations == 'candidates' and k > num_candidates:
       raise ValueError(f'{k} demonstrations from {num_candidates} candidates: at most one each')
     demo_rng = np.random.default_rng([seed, k])
-    ids, weighted, images, demo_names = [], [], [], []
-    for query, names, query_image in zip(queries, candidates, query_images):
+    demos = []
+    for answer, names in zip(queries.answer, queries.candidates):
       if demonstrations == 'candidates':
-        demos = [demo_rng.choice(by_name[name])
-                 for name in demo_rng.choice(names, k, replace=False)]
+        demos.append([demo_rng.choice(by_name[name])
+                      for name in demo_rng.choice(names, k, replace=False)])
       else:
-        allowed = np.flatnonzero(np.array(train_names) != query_names[query])
-        demos = demo_rng.choice(allowed, k, replace=False)
-      demo_names.append([train_names[d] for d in demos])
-      context, _ = _chunks(tokenizer, demo_names[-1])
-      prompt = np.concatenate([context, [tokenizer.image_id],
-                               tokenizer.encode_text(CAPTION_PREFIX)])
-      row_images = np.stack([image(train_source, d) for d in demos] + [query_image])
-      for name in names:
-        answer = tokenizer.encode_text(f' {name}.')
-        ids.append(np.concatenate([prompt, answer]).astype(np.int32))
-        weighted.append(np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
-        images.append(row_images)
-    length = -(-max(len(x) for x in ids) // 8) * 8
-    rows = [_row(x, w, length) for x, w in zip(ids, weighted)]
-    splits[k] = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-    answers = [query_names[q] for q in queries]
-    splits[k].update(image=np.stack(images), answer_index=answer_index, candidates=candidates,
-                     answer=answers, example_id=queries.astype(np.int32),
-                     demonstrations=demo_names,
-                     answer_shown=np.array([a in d for a, d in zip(answers, demo_names)]))
+        allowed = np.flatnonzero(np.array(queries.train_names) != answer)
+        demos.append(demo_rng.choice(allowed, k, replace=False))
+    splits[k] = fewshot_split(tokenizer, queries, demos)
   return splits

@@ -28,11 +28,49 @@ def ranking_correct(scores, answer_index) -> np.ndarray:
   return np.argmax(scores, axis=1) == np.asarray(answer_index)
 
 
+class RetrievedDemonstrations:
+  """`self(params)` -> splits whose demonstrations are retrieved: RICES (Yang et al. 2022),
+  which Flamingo uses for few-shot classification.
+
+  Each query's k demonstrations are the k drawings of its candidates (`train` examples) most
+  similar to the query image under `embed_fn(params, images [b, S, S, 3]) -> [b, d]`
+  (unit vectors; the task's frozen vision tower), least similar first, so the most similar
+  one stands next to the query.
+  """
+
+  def __init__(self, *, queries, tokenizer, shots, embed_fn, mesh, batch_size):
+    self.queries = queries
+    self.tokenizer = tokenizer
+    self.shots = tuple(shots)
+    self._embed = BatchedApply(embed_fn, mesh, batch_size)
+    self._pools = [queries.candidate_examples(q) for q in range(len(queries.answer))]
+    self._pool_examples = np.unique(np.concatenate(self._pools))
+
+  def demonstrations(self, params, k: int) -> list[np.ndarray]:
+    """n arrays of k `train` example indices, in prompt order."""
+    queries = self._embed(params, self.queries.images)
+    pool = self._embed(params, np.stack([self.queries.train_image(i)
+                                         for i in self._pool_examples]))
+    row = {example: i for i, example in enumerate(self._pool_examples)}
+    demos = []
+    for query, examples in zip(queries, self._pools):
+      similarity = pool[[row[e] for e in examples]] @ query
+      demos.append(examples[np.argsort(similarity, kind='stable')[-k:]] if k else examples[:0])
+    return demos
+
+  def __call__(self, params) -> dict[int, dict]:
+    return {k: interleaved.fewshot_split(self.tokenizer, self.queries,
+                                         self.demonstrations(params, k))
+            for k in self.shots}
+
+
 class FewShotEvaluator:
   """`run(params)` -> `{'<k>shot/accuracy', '<k>shot/num_examples'}` for each k of `splits`.
 
   splits: {k: {'image', 'tokens', 'targets', 'loss_weights' ([n * C, ...], row q * C + c is
-  query q with candidate c), 'answer_index' int [n]}} as `interleaved.load_fewshot`.
+  query q with candidate c), 'answer_index' int [n], 'answer_shown' bool [n]}} as
+  `interleaved.load_fewshot`, or a function of the params that returns them
+  (`RetrievedDemonstrations`).
   """
 
   def __init__(self, *, score_fn, splits, batch_size, mesh):
@@ -48,7 +86,8 @@ class FewShotEvaluator:
 
   def run(self, params) -> dict[str, float]:
     metrics = {}
-    for k, split in self.splits.items():
+    splits = self.splits(params) if callable(self.splits) else self.splits
+    for k, split in splits.items():
       right = ranking_correct(self.scores(params, split), split['answer_index'])
       metrics[f'{k}shot/accuracy'] = float(np.mean(right))
       metrics[f'{k}shot/num_examples'] = len(right)
@@ -61,15 +100,23 @@ class FewShotEvaluator:
 
 def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
-  demonstrations ('candidates' (default) or 'other_names', see `interleaved.load_fewshot`).
+  demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
+  'retrieved' (`RetrievedDemonstrations`)).
 
   The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
-  built) and `config.data.image_size`.
+  built), `config.data.image_size` and, for 'retrieved', `image_embedding_fn(mesh)`.
   """
-  splits = interleaved.load_fewshot(
-      task.data_dir, tokenizer=task.tokenizer, shots=tuple(eval_config.get('shots', (0, 1, 4))),
-      num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
-      image_size=task.config.data.image_size, seed=eval_config.get('seed', 0),
-      demonstrations=eval_config.get('demonstrations', 'candidates'))
+  shots = tuple(eval_config.get('shots', (0, 1, 4)))
+  demonstrations = eval_config.get('demonstrations', 'candidates')
+  options = dict(num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
+                 image_size=task.config.data.image_size, seed=eval_config.get('seed', 0))
+  if demonstrations == 'retrieved':
+    splits = RetrievedDemonstrations(
+        queries=interleaved.fewshot_queries(task.data_dir, **options),
+        tokenizer=task.tokenizer, shots=shots, embed_fn=task.image_embedding_fn(mesh),
+        mesh=mesh, batch_size=eval_config.batch_size)
+  else:
+    splits = interleaved.load_fewshot(task.data_dir, tokenizer=task.tokenizer, shots=shots,
+                                      demonstrations=demonstrations, **options)
   return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
                           batch_size=eval_config.batch_size, mesh=mesh)

@@ -145,6 +145,18 @@ class FlamingoTask(Task):
 
     return score
 
+  def image_embedding_fn(self, mesh):
+    """`(params, images [b, S, S, 3]) -> float32 [b, vision_width]`: the frozen vision
+    tower's features averaged over patches, as unit vectors (few-shot demonstration
+    retrieval, `mmjax.evals.fewshot.RetrievedDemonstrations`)."""
+    del mesh  # shards like training under the caller's mesh
+
+    def embed(params, images):
+      pooled = jnp.mean(self._vision_features(params, images), axis=1)
+      return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+
+    return embed
+
   def train_iterator(self, *, process_index, process_count):
     data = self.config.data
     return interleaved.train_iterator(
