@@ -8,8 +8,8 @@ styles), right padded to L = max_len:
 As on web pages, a sequence may show the same thing twice: with probability `repeat_prob`,
 chunk j > 0 names a thing of an earlier chunk (one of them, uniformly) with another picture of
 it (a drawing style not yet used in the sequence when the name has one left; else another
-random crop of the same drawing). Naming a repeat is easy only for a model that matches the
-picture to the earlier one and copies its name: what few-shot prompting asks of it.
+random crop of the same drawing). A model names a repeat best by matching the picture to the
+earlier one and copying its name: what few-shot prompting asks of it.
 
 Ids are `instruct.ByteLMTokenizer`'s: `<image>` is its IMAGE_ID (259), the end of chunk EOC
 its EOS (258). The loss is on the caption tokens and the EOC after each (targets that are
@@ -27,7 +27,8 @@ with `demonstrations='candidates'` (the default, as Flamingo's few-shot classifi
 examples of the task's labels) k distinct names drawn from the query's C candidates, so the
 right name is among them with probability k / C; with 'other_names', k random training names
 other than the query's (they show only the format). Each demonstration's picture is a random
-training-style drawing of its name.
+training-style drawing of its name. `fewshot_queries` and `fewshot_split` build the same rows
+for demonstrations chosen elsewhere (`mmjax.evals.fewshot.RetrievedDemonstrations`).
 
 The train iterator is as `instruct.train_iterator`: everything random is a function of (seed,
 position in the stream), host p of P gets the p-th contiguous block of each global batch, and

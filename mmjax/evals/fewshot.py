@@ -2,8 +2,10 @@
 
 For k in `shots`, every query (an emoji image of the held-out style) comes with C candidate
 names (the right one among C - 1 other training names) and k demonstrations (image, caption)
-before it (`mmjax.data.interleaved.load_fewshot`): by default k of the C candidates, each shown
-with a training-style drawing, so the answer is shown with probability k / C. The model scores each candidate by the mean
+before it: k of the C candidates at random, each with a training-style drawing, so that the
+answer is shown with probability k / C (`mmjax.data.interleaved.load_fewshot`); k other
+names (the format only); or the k drawings of the candidates most similar to the query
+(`RetrievedDemonstrations`, RICES). The model scores each candidate by the mean
 log-probability of ' <name>.' after `... <image> 'an emoji of'`; the prediction is the best
 scored candidate (the first on ties). Metrics per k: `<k>shot/accuracy` (fraction of queries
 whose prediction is the right name; chance 1 / C), `<k>shot/num_examples` and, for k > 0, the
