@@ -15,7 +15,8 @@ Evaluation: 0/1/4-shot ranking of candidate names for emoji of the held-out styl
 (`mmjax/evals/fewshot.py`), with the demonstrations drawn from the candidates (`fewshot`) or
 from other names (`fewshot_format`: they show only the format), or retrieved among the
 candidates' drawings by the frozen vision tower's similarity to the query (`fewshot_retrieved`:
-RICES, as Flamingo's few-shot classification).
+RICES, as Flamingo's few-shot classification); `fewshot_unseen`, `fewshot_retrieved_unseen`:
+the same for names never trained on, known only from the demonstrations.
 
   # a CLIP of ours gives the vision tower; the LM learns the interleaved text first
   python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
@@ -56,6 +57,7 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       images_per_sequence=3,  # K (image, caption) chunks per training sequence
       max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
       repeat_prob=0.5,  # chunk j > 0 shows an earlier chunk's thing again (another drawing)
+      made_up_prob=0.0,  # a sequence's things get made-up names (learn to copy new names)
       augment=True,
       worker_count=0,
   )
@@ -102,12 +104,18 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
 
   # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations
   # drawn from the candidates (`fewshot`), from other names (`fewshot_format`) or the most
-  # similar drawings of the candidates (`fewshot_retrieved`).
+  # similar drawings of the candidates (`fewshot_retrieved`); `*_unseen`: the same for new
+  # names, never trained on, whose only labelled drawings are the demonstrations.
   fewshot = dict(type='fewshot', shots=(0, 1, 4), num_queries=256, num_candidates=10,
-                 batch_size=64, seed=0, demonstrations='candidates')
-  config.evals = dict(fewshot=fewshot,
-                      fewshot_format=dict(fewshot, shots=(1, 4), demonstrations='other_names'),
-                      fewshot_retrieved=dict(fewshot, shots=(1, 4), demonstrations='retrieved'))
+                 batch_size=64, seed=0, demonstrations='candidates', names='seen')
+  config.evals = dict(
+      fewshot=fewshot,
+      fewshot_format=dict(fewshot, shots=(1, 4), demonstrations='other_names'),
+      fewshot_retrieved=dict(fewshot, shots=(1, 4), demonstrations='retrieved'),
+      fewshot_unseen=dict(fewshot, names='unseen'),
+      fewshot_retrieved_unseen=dict(fewshot, shots=(1, 4), demonstrations='retrieved',
+                                    names='unseen'),
+  )
 
   if variant == 'tiny':
     for evaluator in config.evals.values():

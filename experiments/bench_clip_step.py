@@ -14,6 +14,8 @@ times forward, forward + backward and the optimizer update separately.
 Measured on the 2-core machine (quiet, 8 rounds; README.md has the table):
   tiny   mmjax 1643 ex/s vs transformers 1690: 0.97 (scan_unroll=False: 0.78)
   small  mmjax  753 ex/s vs transformers  640: 1.18 (scan_unroll=False: 0.96)
+  tiny, again (12 rounds, a slower day): 1171 vs 1078 ex/s, 1.09; per-round paired ratios
+         0.98 [0.89, 1.26]: parity within the noise
 Where the time goes (jax.profiler trace of the small step, by HLO op): 73% in XNNPACK
 matmul fusions (forward faster than torch's: 44 vs 48 ms; forward + backward 166 vs 146 ms),
 7% transposed copies feeding the weight-gradient matmuls, 5% the AdamW update (ours 3x
@@ -21,7 +23,8 @@ faster than torch's: 11 vs 35 ms), the rest bias-gradient and layer-norm reducti
 moved the ratio, tiny / small: glibc malloc re-faulting XLA's per-step temporary buffer
 (`mmjax.xla_flags.tune_malloc`: ~28% more examples/s); the scan over layers copying stacked
 activations in and out of while loops (`config.model.scan_unroll=True`: +22-25%); erf instead
-of erfc GELU (`layers.gelu`). Tried without effect: XLA:CPU flags, one fused
+of erfc GELU (`layers.gelu`). Tried without effect: XLA:CPU flags (incl.
+xnn_graph_fusion_mode=GREEDY, opt_preset=FAST_RUNTIME, ynn_fusion_type=+reduce), one fused
 query/key/value matmul (+1%). Still slower than torch on tiny: the backward pass (28 vs
 23 ms), ~600 small ops whose fixed costs dominate at width 64.
 """

@@ -14,6 +14,7 @@ from mmjax import sharding
 from mmjax import train
 from mmjax.data import instruct
 from mmjax.data import interleaved
+from mmjax.data import pipeline
 from mmjax.evals import fewshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +108,34 @@ def test_repeated_things_in_other_drawings(data_dir):
   assert new_drawings == repeats  # a drawing shows again only when all of them were used
 
 
+def test_made_up_names_replace_every_name_consistently(data_dir):
+  tokenizer = instruct.ByteLMTokenizer()
+  made_up = interleaved.with_made_up_names(['cat', 'dog', 'cat', 'owl'],
+                                           np.random.default_rng(0))
+  assert made_up[0] == made_up[2] and len(set(made_up)) == 3
+  assert not {'cat', 'dog', 'owl'} & set(made_up)
+
+  def batch(made_up_prob):
+    return next(interleaved.train_iterator(
+        data_dir, tokenizer=tokenizer, images_per_sequence=4, max_len=160, image_size=8,
+        global_batch_size=16, seed=0, repeat_prob=0.5, made_up_prob=made_up_prob))
+
+  plain, all_made_up = batch(0.0), batch(1.0)
+  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  for key in ('example_id', 'image'):  # the same things and drawings, only renamed
+    np.testing.assert_array_equal(plain[key], all_made_up[key])
+  for plain_row, row, ids in zip(plain['tokens'], all_made_up['tokens'],
+                                 all_made_up['example_id']):
+    assert plain_row.tolist() == interleaved.sequence(
+        tokenizer, [train_names[i] for i in ids], 160)['tokens'].tolist()
+    texts = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1:]
+    names = [text.rstrip('.') for text in texts]
+    assert len(names) == 4 and not set(names) & set(train_names)
+    for i in range(4):  # one made-up name per thing
+      for j in range(4):
+        assert (names[i] == names[j]) == (train_names[ids[i]] == train_names[ids[j]])
+
+
 @pytest.fixture(scope='module')
 def config(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
@@ -165,6 +194,13 @@ def test_fewshot_evaluator_runs(one_device_run):
   retrieved = trainer.task.evaluators(mesh)['fewshot_retrieved'].run(state['params'])
   assert {'1shot/accuracy', '4shot/accuracy'} <= set(retrieved)
   assert retrieved['1shot/num_examples'] == retrieved['4shot/num_examples'] == 8
+  # New names: queries, candidates and demonstrations are all names never trained on.
+  data_dir = trainer.task.data_dir
+  unseen = set(pipeline.unseen_names('emoji', data_dir))
+  unseen_split = trainer.task.evaluators(mesh)['fewshot_unseen'].splits[4]
+  assert set(unseen_split['answer']) <= unseen
+  for names, demos in zip(unseen_split['candidates'], unseen_split['demonstrations']):
+    assert set(names) <= unseen and set(demos) <= set(names)
   for k in (0, 1, 4):
     assert 0 <= metrics[f'{k}shot/accuracy'] <= 1
     assert metrics[f'{k}shot/num_examples'] == 8
@@ -187,6 +223,7 @@ def test_fewshot_accuracy_of_hand_built_scores():
       score_fn=lambda params, batch: batch['tokens'][:, 0].astype(np.float32),
       splits={1: split}, batch_size=4, mesh=mesh)
   assert knows.run(None) == {'1shot/accuracy': 1.0, '1shot/num_examples': 5,
+                             '1shot/answer_shown': pytest.approx(2 / 5),
                              '1shot/accuracy_answer_shown': 1.0,
                              '1shot/accuracy_answer_not_shown': 1.0}
   first = fewshot.FewShotEvaluator(  # scores decrease along the rows: candidate 0 wins
@@ -195,6 +232,7 @@ def test_fewshot_accuracy_of_hand_built_scores():
   assert first.run(None) == {'0shot/accuracy': pytest.approx(2 / 5), '0shot/num_examples': 5}
   first.splits = {1: split}  # queries 0 and 1 shown: answers 2 and 0, one right
   assert first.run(None) == {'1shot/accuracy': pytest.approx(2 / 5), '1shot/num_examples': 5,
+                             '1shot/answer_shown': pytest.approx(2 / 5),
                              '1shot/accuracy_answer_shown': 0.5,
                              '1shot/accuracy_answer_not_shown': pytest.approx(1 / 3)}
   np.testing.assert_array_equal(
@@ -212,8 +250,8 @@ def test_retrieved_demonstrations_are_the_most_similar_candidate_drawings():
   query = 0.5 * directions[0] + 0.8 * directions[2] + 0.3 * directions[4] + 0.9 * directions[5]
   queries = interleaved.FewShotQueries(
       images=images(query), answer=['dog'], candidates=[['owl', 'dog', 'cat']],
-      answer_index=np.array([1]), example_id=np.array([0], np.int32), train_names=train_names,
-      train_image=lambda i: images(train[i])[0])
+      answer_index=np.array([1]), example_id=np.array([0], np.int32), support_names=train_names,
+      support_image=lambda i: images(train[i])[0])
   embed = lambda params, x: x[:, 0, 0] / jnp.linalg.norm(x[:, 0, 0], axis=-1, keepdims=True)
   retrieved = fewshot.RetrievedDemonstrations(
       queries=queries, tokenizer=instruct.ByteLMTokenizer(), shots=(1, 3), embed_fn=embed,

@@ -12,8 +12,10 @@ Unicode group ('smileys & emotion', ...) is not stored: `name_groups()` reads it
 `emoji-test.txt` when needed.
 Splits hold out one style (`noto` if installed, else `openmoji_mono`) and a seeded 20% of the
 names drawn in it ("unseen"): `train` = other styles x seen names, `test_seen` = held-out style
-x seen names, `test_unseen` = held-out style x unseen names. `info.metadata` stores `names`
-(index == label) and `unseen_names`.
+x seen names, `test_unseen` = held-out style x unseen names, `support_unseen` = other styles x
+unseen names (never trained on: the labelled examples of new names that few-shot evaluation
+shows in its prompts, `mmjax.data.interleaved`). `info.metadata` stores `names` (index ==
+label) and `unseen_names`.
 """
 
 import collections
@@ -170,7 +172,8 @@ def held_out_style(styles) -> str:
 class Emoji(tfds.core.GeneratorBasedBuilder):
   """Multi-style emoji with a held-out style and held-out names."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'support_unseen split (1.0.0 splits unchanged).'}
   # Nothing to download: skip TFDS's checksums lookup, which on Python >= 3.9 imports the
   # `importlib_resources` backport that TFDS does not install.
   code_path = None
@@ -207,13 +210,16 @@ class Emoji(tfds.core.GeneratorBasedBuilder):
 
     unseen = set(unseen)
     label = {n: i for i, n in enumerate(kept)}
-    splits = {'train': [], 'test_seen': [], 'test_unseen': []}
+    splits = {'train': [], 'test_seen': [], 'test_unseen': [], 'support_unseen': []}
     for style, glyphs in styles.items():
       for e, image in glyphs.items():
         name = names[e]
-        if name not in label or (style != held_out and name in unseen):
+        if name not in label:
           continue
-        split = 'train' if style != held_out else 'test_unseen' if name in unseen else 'test_seen'
+        if style == held_out:
+          split = 'test_unseen' if name in unseen else 'test_seen'
+        else:
+          split = 'support_unseen' if name in unseen else 'train'
         key = style + '/' + '-'.join(f'{ord(c):X}' for c in e)
         example = {'image': image, 'label': label[name], 'name': name, 'style': style}
         splits[split].append((key, example))

@@ -16,19 +16,24 @@ its EOS (258). The loss is on the caption tokens and the EOC after each (targets
 `<image>`, BOS or pad have weight 0). A sequence longer than L is cut at L; the images whose
 `<image>` token was cut are still in the batch but no text token sees them.
 
-Few-shot eval rows (`load_fewshot`) rank candidate names: for each query image of the held-out
-style (`test_seen`: names seen in training) and each of C candidate names (the right one and
-C - 1 other training names), a row
+Few-shot eval rows (`load_fewshot`) rank candidate names. The queries are images of the
+held-out style; the demonstrations are labelled drawings of the other styles, the support
+set. Two kinds of names (`names`, `FEWSHOT_SPLITS`):
+  'seen'    queries of `test_seen`, support `train`: names the model was trained on;
+  'unseen'  queries of `test_unseen`, support `support_unseen`: new names, never trained on
+            (neither the vision tower nor the LM saw them), known only from the prompt.
+For each query and each of C candidate names (the right one and C - 1 other names of the
+support set), a row
 
   [BOS] (<image> 'an emoji of <demo name>.' [EOC]) * shots <image> 'an emoji of <candidate>.'
 
 weighted on ' <candidate>.' only; the demonstrations are the same for all C rows of a query:
 with `demonstrations='candidates'` (the default, as Flamingo's few-shot classification shows
 examples of the task's labels) k distinct names drawn from the query's C candidates, so the
-right name is among them with probability k / C; with 'other_names', k random training names
+right name is among them with probability k / C; with 'other_names', k random support names
 other than the query's (they show only the format). Each demonstration's picture is a random
-training-style drawing of its name. `fewshot_queries` and `fewshot_split` build the same rows
-for demonstrations chosen elsewhere (`mmjax.evals.fewshot.RetrievedDemonstrations`).
+support drawing of its name. `fewshot_queries` and `fewshot_split` build the same rows for
+demonstrations chosen elsewhere (`mmjax.evals.fewshot.RetrievedDemonstrations`).
 
 The train iterator is as `instruct.train_iterator`: everything random is a function of (seed,
 position in the stream), host p of P gets the p-th contiguous block of each global batch, and
@@ -48,7 +53,9 @@ from mmjax.data.tokenizer import BOS_ID, PAD_ID
 
 EOC_ID = instruct.ByteLMTokenizer.eos_id
 CAPTION_PREFIX = 'an emoji of'
-TRAIN_SPLIT, FEWSHOT_SPLIT = 'train', 'test_seen'
+TRAIN_SPLIT = 'train'
+# Few-shot names -> (query split: the held-out style, support split: the demonstrations').
+FEWSHOT_SPLITS = {'seen': ('test_seen', 'train'), 'unseen': ('test_unseen', 'support_unseen')}
 
 
 def caption(name: str) -> str:
@@ -104,21 +111,48 @@ def with_repeats(indices, rng, *, names, by_name, repeat_prob: float) -> np.ndar
   return indices
 
 
+_CONSONANTS, _VOWELS = 'bcdfghjklmnprstvwz', 'aeiou'
+
+
+def made_up_name(rng) -> str:
+  """A pronounceable name no emoji has: 1-3 words of 1-3 (consonant, vowel) syllables."""
+  def word():
+    return ''.join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS))
+                   for _ in range(rng.integers(1, 4)))
+  return ' '.join(word() for _ in range(rng.integers(1, 4)))
+
+
+def with_made_up_names(chunk_names, rng) -> list[str]:
+  """`chunk_names` with each distinct name replaced by a distinct `made_up_name`, the same
+  in every chunk it names."""
+  made_up = {}
+  for name in chunk_names:
+    while name not in made_up:
+      candidate = made_up_name(rng)
+      if candidate not in made_up.values():
+        made_up[name] = candidate
+  return [made_up[name] for name in chunk_names]
+
+
 def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
-                   augment, repeat_prob):
+                   augment, repeat_prob, made_up_prob):
   """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
-  `with_repeats`), images randomised by `rng`."""
+  `with_repeats`; with probability `made_up_prob` every name made up, see
+  `with_made_up_names`), images randomised by `rng`."""
   indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob)
   images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
                                      rng if augment else None) for i in indices])
-  return dict(sequence(tokenizer, [names[int(i)] for i in indices], max_len), image=images,
+  chunk_names = [names[int(i)] for i in indices]
+  if made_up_prob and rng.random() < made_up_prob:  # no draw when 0: streams stay as before
+    chunk_names = with_made_up_names(chunk_names, rng)
+  return dict(sequence(tokenizer, chunk_names, max_len), image=images,
               example_id=np.asarray(indices, np.int32))
 
 
 def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_len: int,
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True,
-                   repeat_prob: float = 0.0):
+                   repeat_prob: float = 0.0, made_up_prob: float = 0.0):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
   The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
@@ -127,17 +161,22 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   tokens and targets int32 [b, L], loss_weights float32 [b, L] (see `sequence`) and
   example_id int32 [b, K] (indices in the emoji train split). The K examples of a sequence
   are consecutive elements of an endlessly reshuffled stream of the split, some replaced by
-  repeats of earlier chunks' names (`repeat_prob`, see `with_repeats`).
+  repeats of earlier chunks' names (`repeat_prob`, see `with_repeats`). A fraction
+  `made_up_prob` of the sequences name their things by made-up names (`with_made_up_names`):
+  a model cannot have memorised those, so it can name a repeat only by matching its picture
+  to the earlier one and copying the name from the context, the skill few-shot prompting with
+  new names (`names='unseen'` below) asks for.
   """
-  if not 0.0 <= repeat_prob <= 1.0:
-    raise ValueError(f'repeat_prob={repeat_prob} is not in [0, 1]')
+  for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob)):
+    if not 0.0 <= p <= 1.0:
+      raise ValueError(f'{name}={p} is not in [0, 1]')
   source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
   names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
   shuffle_seed, map_seed = np.random.SeedSequence([seed, 7]).generate_state(2)
   example = functools.partial(_train_example, source=source, names=names,
                               by_name=examples_by_name(names), tokenizer=tokenizer,
                               image_size=image_size, max_len=max_len, augment=augment,
-                              repeat_prob=repeat_prob)
+                              repeat_prob=repeat_prob, made_up_prob=made_up_prob)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))
@@ -148,38 +187,48 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
 
 @dataclasses.dataclass
 class FewShotQueries:
-  """n query images of the held-out style and their C candidate names each.
+  """n query images of the held-out style, their C candidate names each, and the support set
+  (labelled drawings of the other styles) that demonstrations come from.
 
   images float32 [n, S, S, 3]; answer: n names; candidates: n lists of C names (the answer at
-  `answer_index` int [n]); example_id int32 [n] (index in `test_seen`); train_names: the name
-  of every `train` example; train_image(i): example i of `train` as float32 [S, S, 3].
+  `answer_index` int [n]); example_id int32 [n] (index in the query split); support_names:
+  the name of every support example; support_image(i): support example i as float32
+  [S, S, 3].
   """
   images: np.ndarray
   answer: list
   candidates: list
   answer_index: np.ndarray
   example_id: np.ndarray
-  train_names: list
-  train_image: Callable[[int], np.ndarray]
+  support_names: list
+  support_image: Callable[[int], np.ndarray]
 
   @functools.cached_property
   def by_name(self) -> dict[str, np.ndarray]:
-    return examples_by_name(self.train_names)
+    return examples_by_name(self.support_names)
 
   def candidate_examples(self, q: int) -> np.ndarray:
-    """int [m]: the `train` examples (every drawing) of query q's candidates."""
+    """int [m]: the support examples (every drawing) of query q's candidates."""
     return np.concatenate([self.by_name[name] for name in self.candidates[q]])
 
 
 def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, image_size: int,
-                    seed: int = 0) -> FewShotQueries:
-  """The first n = num_queries of a seeded shuffle of `test_seen`, each with the right name
-  and C - 1 other training names, in a random order (the emoji data built)."""
-  train_names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
-  query_names = [x['name'] for x in instruct.split_texts('emoji', FEWSHOT_SPLIT, data_dir)]
-  vocabulary = sorted(set(train_names))
+                    seed: int = 0, names: str = 'seen') -> FewShotQueries:
+  """The first n = num_queries of a seeded shuffle of the query split of `names` ('seen' or
+  'unseen', see the module docstring), each with the right name and C - 1 other names of the
+  support split, in a random order (the emoji data built)."""
+  if names not in FEWSHOT_SPLITS:
+    raise ValueError(f'names={names!r}: use one of {sorted(FEWSHOT_SPLITS)}')
+  query_split, support_split = FEWSHOT_SPLITS[names]
+  support_names = [x['name'] for x in instruct.split_texts('emoji', support_split, data_dir)]
+  query_names = [x['name'] for x in instruct.split_texts('emoji', query_split, data_dir)]
+  vocabulary = sorted(set(support_names))
   if num_candidates > len(vocabulary):
     raise ValueError(f'num_candidates={num_candidates}: only {len(vocabulary)} names')
+  missing = sorted(set(query_names) - set(vocabulary))
+  if missing:
+    raise ValueError(f'{len(missing)} {query_split} names have no {support_split} drawing, '
+                     f'e.g. {missing[:3]}')
   rng = np.random.default_rng(seed)
   queries = rng.permutation(len(query_names))[:num_queries]
   answer_index = rng.integers(num_candidates, size=len(queries))
@@ -188,26 +237,26 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
     others = [n for n in rng.choice(vocabulary, num_candidates, replace=False)
               if n != query_names[query]][:num_candidates - 1]
     candidates.append(others[:right] + [query_names[query]] + others[right:])
-  train_source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
-  query_source = instruct.split_source('emoji', FEWSHOT_SPLIT, data_dir)
+  support_source = instruct.split_source('emoji', support_split, data_dir)
+  query_source = instruct.split_source('emoji', query_split, data_dir)
   image = lambda source, i: instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size)
   return FewShotQueries(
       images=np.stack([image(query_source, q) for q in queries]),
       answer=[query_names[q] for q in queries], candidates=candidates,
-      answer_index=answer_index, example_id=queries.astype(np.int32), train_names=train_names,
-      train_image=functools.partial(image, train_source))
+      answer_index=answer_index, example_id=queries.astype(np.int32),
+      support_names=support_names, support_image=functools.partial(image, support_source))
 
 
 def fewshot_split(tokenizer, queries: FewShotQueries, demos) -> dict:
-  """Ranking rows of every query with its demonstrations `demos` (n lists of k `train`
+  """Ranking rows of every query with its demonstrations `demos` (n lists of k support
   example indices, in prompt order); the keys of `load_fewshot`'s splits."""
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
-    demo_names.append([queries.train_names[d] for d in demos[q]])
+    demo_names.append([queries.support_names[d] for d in demos[q]])
     context, _ = _chunks(tokenizer, demo_names[-1])
     prompt = np.concatenate([context, [tokenizer.image_id],
                              tokenizer.encode_text(CAPTION_PREFIX)])
-    row_images = np.stack([queries.train_image(d) for d in demos[q]] + [queries.images[q]])
+    row_images = np.stack([queries.support_image(d) for d in demos[q]] + [queries.images[q]])
     for name in names:
       answer = tokenizer.encode_text(f' {name}.')
       ids.append(np.concatenate([prompt, answer]).astype(np.int32))
@@ -224,23 +273,24 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos) -> dict:
 
 
 def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
-                 image_size: int, seed: int = 0,
-                 demonstrations: str = 'candidates') -> dict[int, dict]:
+                 image_size: int, seed: int = 0, demonstrations: str = 'candidates',
+                 names: str = 'seen') -> dict[int, dict]:
   """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
 
   The same queries (`fewshot_queries`) serve every k in `shots`. Returns {k: {'image':
   float32 [n * C, k + 1, S, S, 3] (demonstrations then the query), 'tokens', 'targets' int32
   [n * C, L_k], 'loss_weights' float32 [n * C, L_k] (1 on ' <candidate>.'), 'answer_index'
   int [n] (the right candidate's index in 0..C-1), 'candidates': n lists of C names,
-  'answer': n names, 'example_id': int32 [n] (index in `test_seen`), 'demonstrations': n
+  'answer': n names, 'example_id': int32 [n] (index in the query split), 'demonstrations': n
   lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row
   q * C + c is query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
-  `demonstrations`: 'candidates' or 'other_names' (see the module docstring).
+  `demonstrations`: 'candidates' or 'other_names'; `names`: 'seen' or 'unseen' (see the
+  module docstring).
   """
   if demonstrations not in ('candidates', 'other_names'):
     raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
   queries = fewshot_queries(data_dir, num_queries=num_queries, num_candidates=num_candidates,
-                            image_size=image_size, seed=seed)
+                            image_size=image_size, seed=seed, names=names)
   by_name = queries.by_name
   splits = {}
   for k in shots:
@@ -253,7 +303,7 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
         demos.append([demo_rng.choice(by_name[name])
                       for name in demo_rng.choice(names, k, replace=False)])
       else:
-        allowed = np.flatnonzero(np.array(queries.train_names) != answer)
+        allowed = np.flatnonzero(np.array(queries.support_names) != answer)
         demos.append(demo_rng.choice(allowed, k, replace=False))
     splits[k] = fewshot_split(tokenizer, queries, demos)
   return splits

@@ -1,16 +1,19 @@
 """Few-shot classification by ranking: does the model name an unseen-style emoji after k examples?
 
-For k in `shots`, every query (an emoji image of the held-out style) comes with C candidate
-names (the right one among C - 1 other training names) and k demonstrations (image, caption)
-before it: k of the C candidates at random, each with a training-style drawing, so that the
-answer is shown with probability k / C (`mmjax.data.interleaved.load_fewshot`); k other
-names (the format only); or the k drawings of the candidates most similar to the query
+For k in `shots`, every query (an emoji image of the held-out style, its name seen in
+training or, with `names='unseen'`, new) comes with C candidate names (the right one among
+C - 1 other names of the support set: drawings of the other styles) and k demonstrations
+(image, caption) before it: k of the C candidates at random, each with a support drawing, so
+that the answer is shown with probability k / C (`mmjax.data.interleaved.load_fewshot`); k
+other names (the format only); or the k drawings of the candidates most similar to the query
 (`RetrievedDemonstrations`, RICES). The model scores each candidate by the mean
 log-probability of ' <name>.' after `... <image> 'an emoji of'`; the prediction is the best
 scored candidate (the first on ties). Metrics per k: `<k>shot/accuracy` (fraction of queries
 whose prediction is the right name; chance 1 / C), `<k>shot/num_examples` and, for k > 0, the
-accuracy over the queries whose answer a demonstration shows and over the others
-(`<k>shot/accuracy_answer_shown`, `<k>shot/accuracy_answer_not_shown`; absent when empty).
+fraction of queries whose answer a demonstration shows (`<k>shot/answer_shown`; with
+retrieved demonstrations and k = 1, the vision tower's nearest-neighbour accuracy) and the
+accuracy over those and over the others (`<k>shot/accuracy_answer_shown`,
+`<k>shot/accuracy_answer_not_shown`; absent when empty).
 
 `score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
 'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
@@ -34,7 +37,7 @@ class RetrievedDemonstrations:
   """`self(params)` -> splits whose demonstrations are retrieved: RICES (Yang et al. 2022),
   which Flamingo uses for few-shot classification.
 
-  Each query's k demonstrations are the k drawings of its candidates (`train` examples) most
+  Each query's k demonstrations are the k drawings of its candidates (support examples) most
   similar to the query image under `embed_fn(params, images [b, S, S, 3]) -> [b, d]`
   (unit vectors; the task's frozen vision tower), least similar first, so the most similar
   one stands next to the query.
@@ -51,7 +54,7 @@ class RetrievedDemonstrations:
   def demonstrations(self, params, k: int) -> list[np.ndarray]:
     """n arrays of k `train` example indices, in prompt order."""
     queries = self._embed(params, self.queries.images)
-    pool = self._embed(params, np.stack([self.queries.train_image(i)
+    pool = self._embed(params, np.stack([self.queries.support_image(i)
                                          for i in self._pool_examples]))
     row = {example: i for i, example in enumerate(self._pool_examples)}
     demos = []
@@ -94,6 +97,8 @@ class FewShotEvaluator:
       metrics[f'{k}shot/accuracy'] = float(np.mean(right))
       metrics[f'{k}shot/num_examples'] = len(right)
       shown = np.asarray(split['answer_shown'])
+      if k:
+        metrics[f'{k}shot/answer_shown'] = float(np.mean(shown))
       for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
         if k and subset.any():
           metrics[f'{k}shot/accuracy_{name}'] = float(np.mean(right[subset]))
@@ -103,7 +108,8 @@ class FewShotEvaluator:
 def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
   demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
-  'retrieved' (`RetrievedDemonstrations`)).
+  'retrieved' (`RetrievedDemonstrations`)), names ('seen' (default) or 'unseen': the queries'
+  names, see `mmjax.data.interleaved`).
 
   The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
   built), `config.data.image_size` and, for 'retrieved', `image_embedding_fn(mesh)`.
@@ -111,7 +117,8 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   shots = tuple(eval_config.get('shots', (0, 1, 4)))
   demonstrations = eval_config.get('demonstrations', 'candidates')
   options = dict(num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
-                 image_size=task.config.data.image_size, seed=eval_config.get('seed', 0))
+                 image_size=task.config.data.image_size, seed=eval_config.get('seed', 0),
+                 names=eval_config.get('names', 'seen'))
   if demonstrations == 'retrieved':
     splits = RetrievedDemonstrations(
         queries=interleaved.fewshot_queries(task.data_dir, **options),

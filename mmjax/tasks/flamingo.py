@@ -164,7 +164,8 @@ class FlamingoTask(Task):
         max_len=data.max_len, image_size=data.image_size,
         global_batch_size=self.config.batch_size, seed=self.config.seed,
         process_index=process_index, process_count=process_count,
-        worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob)
+        worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob,
+        made_up_prob=data.get('made_up_prob', 0.0))
 
   def evaluators(self, mesh):
     return evals.build(self.config.evals, self, mesh)
