@@ -115,7 +115,7 @@ _CONSONANTS, _VOWELS = 'bcdfghjklmnprstvwz', 'aeiou'
 
 
 def made_up_name(rng) -> str:
-  """A pronounceable name no emoji has: 1-3 words of 1-3 (consonant, vowel) syllables."""
+  """A pronounceable made-up name: 1-3 words of 1-3 (consonant, vowel) syllables each."""
   def word():
     return ''.join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS))
                    for _ in range(rng.integers(1, 4)))
