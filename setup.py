@@ -30,8 +30,9 @@ setup(
     ],
     extras_require={
         # torch + transformers build the Hugging Face reference models for parity tests;
-        # nbclient + ipykernel run the notebooks headless.
-        'test': ['pytest', 'torch==2.13.0', 'transformers>=5,<6', 'nbclient', 'nbformat',
-                 'ipykernel'],
+        # nbclient + ipykernel run the notebooks headless; pytest-xdist runs the suite in
+        # worker processes (`-n 2`: most tests wait on single-threaded XLA compiles).
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'transformers>=5,<6', 'nbclient',
+                 'nbformat', 'ipykernel'],
     },
 )
