@@ -15,7 +15,6 @@ from mmjax import config_lib
 from mmjax import evals
 from mmjax import sharding
 from mmjax import tasks
-from mmjax import train
 from mmjax.data import pipeline
 from mmjax.evals import batching
 from mmjax.evals import retrieval
@@ -166,13 +165,11 @@ def test_unknown_evaluator_type_is_named(tmp_path):
     evals.build(config.evals, tasks.get_task(config), mesh)
 
 
-def test_checkpoint_from_8_devices_evaluates_on_1_device(tmp_path):
-  """Train on an fsdp x data mesh of 8, then `python -m mmjax.evaluate` on 1 CPU device."""
-  data_dir, workdir = str(tmp_path / 'data'), str(tmp_path / 'run')
-  config = config_lib.load(TINY, {
-      'data.data_dir': data_dir, 'total_steps': 60, 'eval_every': 60, 'mesh.fsdp': 4,
-      'mesh.data': 2})
-  _, train_metrics = train.run(config, workdir)
+def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run):
+  """A run trained on an fsdp x data mesh of 8, evaluated by `python -m mmjax.evaluate` on 1
+  CPU device."""
+  workdir, data_dir, step = tiny_clip_run.workdir, tiny_clip_run.data_dir, tiny_clip_run.step
+  train_metrics = tiny_clip_run.eval_metrics
   assert train_metrics['zeroshot/test/top1'] > 0.2  # learned something: chance is 0.1
 
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
@@ -182,12 +179,12 @@ def test_checkpoint_from_8_devices_evaluates_on_1_device(tmp_path):
       capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'evaluating data-parallel' in result.stdout  # fsdp=4 x data=2 cannot fit 1 device
-  with open(os.path.join(workdir, 'eval', 'metrics_60.json')) as f:
+  with open(os.path.join(workdir, 'eval', f'metrics_{step}.json')) as f:
     eval_metrics = json.load(f)
   assert eval_metrics['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1}
   for key, value in train_metrics.items():
     assert eval_metrics[key] == pytest.approx(value, abs=1e-6), key
-  for name in ('loss_curve.png', 'eval_curves.png', 'eval/zeroshot_report_60.json'):
+  for name in ('loss_curve.png', 'eval_curves.png', f'eval/zeroshot_report_{step}.json'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
 
   missing = subprocess.run(

@@ -47,10 +47,15 @@ def _loss_and_grads(config, mesh_axes=None):
   return float(loss), jax.device_get(grads)
 
 
+@pytest.fixture(scope='module')
+def tiny_loss_and_grads(data_dir):
+  """`_loss_and_grads` of the tiny config as it is: what the variants below must equal."""
+  return _loss_and_grads(config_lib.load(TINY, {'data.data_dir': data_dir}))
+
+
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
-def test_remat_policies_change_nothing_but_memory(data_dir, policy):
-  base = config_lib.load(TINY, {'data.data_dir': data_dir})
-  loss, grads = _loss_and_grads(base)
+def test_remat_policies_change_nothing_but_memory(data_dir, tiny_loss_and_grads, policy):
+  loss, grads = tiny_loss_and_grads
   remat_loss, remat_grads = _loss_and_grads(
       config_lib.load(TINY, {'data.data_dir': data_dir, 'model.remat': policy}))
   assert remat_loss == pytest.approx(loss, rel=1e-6)
@@ -58,9 +63,9 @@ def test_remat_policies_change_nothing_but_memory(data_dir, policy):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_unrolled_layer_loop_changes_nothing(data_dir):
+def test_unrolled_layer_loop_changes_nothing(data_dir, tiny_loss_and_grads):
   """`scan_unroll` changes the compiled program, not the model."""
-  loss, grads = _loss_and_grads(config_lib.load(TINY, {'data.data_dir': data_dir}))
+  loss, grads = tiny_loss_and_grads
   other_loss, other_grads = _loss_and_grads(
       config_lib.load(TINY, {'data.data_dir': data_dir, 'model.scan_unroll': False}))
   assert other_loss == pytest.approx(loss, rel=1e-6)
