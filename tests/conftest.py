@@ -1,5 +1,6 @@
-"""Test setup: 8 virtual CPU devices for mesh tests (must precede the first jax import), and
-one finished tiny CLIP run shared by the tests that only need a trained workdir."""
+"""Test setup: 8 virtual CPU devices for mesh tests and the tests' XLA flags (both must
+precede the first jax import), and one finished tiny CLIP run shared by the tests that only
+need a trained workdir."""
 
 import fcntl
 import json
@@ -9,11 +10,23 @@ import typing
 import ml_collections
 import pytest
 
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+# XLA:CPU without LLVM's optimisation of the generated code: the tests' programs are tiny
+# and mostly compiled for a few steps, so compiling them takes most of the suite's time, and
+# this halves it. The HLO passes (fusion, sharding propagation, collectives) still run as in
+# training; results differ from the optimised code's only in float rounding. Processes the
+# tests start inherit it, or take it from the `xla_flags` fixture with their device count.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), TEST_XLA_FLAGS,
+                                    '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def xla_flags():
+  """`xla_flags(n)`: XLA_FLAGS for a process the test starts: the tests' flags, n devices."""
+  return lambda devices: f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
 
 
 class TinyClipRun(typing.NamedTuple):

@@ -165,14 +165,14 @@ def test_unknown_evaluator_type_is_named(tmp_path):
     evals.build(config.evals, tasks.get_task(config), mesh)
 
 
-def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run):
+def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run, xla_flags):
   """A run trained on an fsdp x data mesh of 8, evaluated by `python -m mmjax.evaluate` on 1
   CPU device."""
   workdir, data_dir, step = tiny_clip_run.workdir, tiny_clip_run.data_dir, tiny_clip_run.step
   train_metrics = tiny_clip_run.eval_metrics
   assert train_metrics['zeroshot/test/top1'] > 0.2  # learned something: chance is 0.1
 
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              MMJAX_DATA_DIR=data_dir)
   result = subprocess.run(
       [sys.executable, '-m', 'mmjax.evaluate', f'--workdir={workdir}'], cwd=REPO, env=env,
@@ -193,7 +193,7 @@ def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run):
   assert missing.returncode != 0 and 'no checkpoint for step 7' in missing.stderr
 
 
-def test_evaluate_imported_hf_clip_equals_torch_zero_shot(tmp_path):
+def test_evaluate_imported_hf_clip_equals_torch_zero_shot(tmp_path, xla_flags):
   """`--hf_dir`: a saved HF CLIPModel evaluates to the zero-shot accuracy torch gives."""
   import torch  # pylint: disable=g-import-not-at-top  (the test extra's reference model)
   import transformers  # pylint: disable=g-import-not-at-top
@@ -216,7 +216,7 @@ def test_evaluate_imported_hf_clip_equals_torch_zero_shot(tmp_path):
        f'--config={TINY}', '--config.data.tokenizer=clip_bpe',
        f'--config.data.data_dir={data_dir}'],
       cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+      env=dict(os.environ, XLA_FLAGS=xla_flags(1)))
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, 'eval', 'metrics_0.json')) as f:
     metrics = json.load(f)

@@ -239,6 +239,28 @@ def test_fewshot_accuracy_of_hand_built_scores():
       fewshot.ranking_correct(np.array([[1, 1, 0], [0, 2, 1]]), [1, 1]), [False, True])
 
 
+def test_fewshot_counts_which_demonstration_is_named():
+  """With k >= 2 the evaluator reports how often the prediction is a shown name, and the last
+  shown one: here a scorer that always picks candidate 0, on 4 queries with 2 demonstrations."""
+  candidates = [['cat', 'dog', 'owl'], ['ant', 'bee', 'cat'], ['fox', 'elk', 'yak'],
+                ['pig', 'cow', 'hen']]
+  demonstrations = [['dog', 'cat'], ['ant', 'cat'], ['elk', 'yak'], ['pig', 'cow']]
+  n, c = len(candidates), 3
+  split = {'image': np.zeros((n * c, 3, 2, 2, 3), np.float32),
+           'tokens': np.zeros((n * c, 1), np.int32), 'targets': np.zeros((n * c, 1), np.int32),
+           'loss_weights': np.arange(n * c, dtype=np.float32).reshape(-1, 1),
+           'answer_index': np.zeros(n, np.int64), 'answer_shown': np.ones(n, bool),
+           'candidates': candidates, 'demonstrations': demonstrations}
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  first = fewshot.FewShotEvaluator(  # scores decrease along the rows: candidate 0 wins
+      score_fn=lambda params, batch: -batch['loss_weights'][:, 0], splits={2: split},
+      batch_size=4, mesh=mesh)
+  metrics = first.run(None)
+  # Picked cat, ant, fox, pig: shown in queries 0, 1 and 3; the last shown only in query 0.
+  assert metrics['2shot/picked_shown'] == pytest.approx(3 / 4)
+  assert metrics['2shot/picked_last_shown'] == pytest.approx(1 / 4)
+
+
 def test_retrieved_demonstrations_are_the_most_similar_candidate_drawings():
   """RICES: the k drawings of the candidates nearest the query, the nearest last."""
   directions = np.eye(6, dtype=np.float32)  # one unit direction per train example

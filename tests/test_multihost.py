@@ -28,10 +28,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_two_processes(workdir, data_dir):
+def _train_two_processes(workdir, data_dir, xla_flags):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
   flags = [f'--config.{key}={value}' for key, value in OVERRIDES.items()]
   processes = [subprocess.Popen(
       [sys.executable, '-m', 'mmjax.train', f'--config={TINY}', f'--workdir={workdir}',
@@ -45,10 +44,10 @@ def _train_two_processes(workdir, data_dir):
   return outputs
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def test_two_processes_equal_one_process(tmp_path, xla_flags):
   data_dir = str(tmp_path / 'data')
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-  (out0, _), (out1, _) = _train_two_processes(two, data_dir)
+  (out0, _), (out1, _) = _train_two_processes(two, data_dir, xla_flags(4))
   assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in out0
   assert 'step' not in out1  # Only process 0 logs.
 

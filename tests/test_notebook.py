@@ -9,12 +9,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'experiments', 'notebooks', 'evaluate_clip.ipynb')
 
 
-def test_evaluate_clip_notebook_runs(tmp_path, monkeypatch, tiny_clip_run):
+def test_evaluate_clip_notebook_runs(tmp_path, monkeypatch, tiny_clip_run, xla_flags):
   # On a finished run, as a user evaluates theirs (without MMJAX_WORKDIR the notebook first
   # trains this same tiny config with `train.run`).
   monkeypatch.setenv('MMJAX_DATA_DIR', tiny_clip_run.data_dir)
   monkeypatch.setenv('MMJAX_WORKDIR', tiny_clip_run.workdir)
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
+  monkeypatch.setenv('XLA_FLAGS', xla_flags(1))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
                                    resources={'metadata': {'path': str(tmp_path)}})

@@ -13,7 +13,12 @@ whose prediction is the right name; chance 1 / C), `<k>shot/num_examples` and, f
 fraction of queries whose answer a demonstration shows (`<k>shot/answer_shown`; with
 retrieved demonstrations and k = 1, the vision tower's nearest-neighbour accuracy) and the
 accuracy over those and over the others (`<k>shot/accuracy_answer_shown`,
-`<k>shot/accuracy_answer_not_shown`; absent when empty).
+`<k>shot/accuracy_answer_not_shown`; absent when empty). For k >= 2, where the splits list the
+names ('candidates', 'demonstrations'), which shown name the model picks: the fraction of
+queries whose prediction is some demonstration's name (`<k>shot/picked_shown`) and the name
+of the last one, next to the query (`<k>shot/picked_last_shown`). A model that copies a shown
+name regardless of its position picks the last in 1/k of the former; one that copies the
+nearest name, in all of it. (With retrieved demonstrations the last is also the most similar.)
 
 `score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
 'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
@@ -93,7 +98,8 @@ class FewShotEvaluator:
     metrics = {}
     splits = self.splits(params) if callable(self.splits) else self.splits
     for k, split in splits.items():
-      right = ranking_correct(self.scores(params, split), split['answer_index'])
+      scores = self.scores(params, split)
+      right = ranking_correct(scores, split['answer_index'])
       metrics[f'{k}shot/accuracy'] = float(np.mean(right))
       metrics[f'{k}shot/num_examples'] = len(right)
       shown = np.asarray(split['answer_shown'])
@@ -102,7 +108,19 @@ class FewShotEvaluator:
       for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
         if k and subset.any():
           metrics[f'{k}shot/accuracy_{name}'] = float(np.mean(right[subset]))
+      if k >= 2 and 'demonstrations' in split:
+        metrics.update(_picked_demonstrations(k, np.argmax(scores, axis=1), split))
     return metrics
+
+
+def _picked_demonstrations(k: int, picked, split) -> dict[str, float]:
+  """`<k>shot/picked_shown` and `<k>shot/picked_last_shown` (see the module docstring) of the
+  predicted candidate indices `picked [n]`."""
+  names = [candidates[p] for candidates, p in zip(split['candidates'], picked)]
+  demos = split['demonstrations']
+  return {f'{k}shot/picked_shown': float(np.mean([n in d for n, d in zip(names, demos)])),
+          f'{k}shot/picked_last_shown': float(np.mean([n == d[-1]
+                                                        for n, d in zip(names, demos)]))}
 
 
 def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
