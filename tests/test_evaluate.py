@@ -172,8 +172,7 @@ def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run, xla_flag
   train_metrics = tiny_clip_run.eval_metrics
   assert train_metrics['zeroshot/test/top1'] > 0.2  # learned something: chance is 0.1
 
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
-             MMJAX_DATA_DIR=data_dir)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), MMJAX_DATA_DIR=data_dir)
   result = subprocess.run(
       [sys.executable, '-m', 'mmjax.evaluate', f'--workdir={workdir}'], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=600)

@@ -69,8 +69,8 @@ def test_two_processes_equal_one_process(tmp_path, xla_flags):
 
   # The 2-process checkpoint restores in this one process (state and data position) like the
   # 1-process one; that a restored run then trains exactly on is test_train's SIGTERM test.
-  restored = {name: _restore(config, d, 12) for name, d in (('one', one), ('two', two))}
-  (state_two, batch_two), (state_one, batch_one) = restored['two'], restored['one']
+  state_one, batch_one = _restore(config, one, 12)
+  state_two, batch_two = _restore(config, two, 12)
   # Float32 tolerance relative to the largest parameter: sums run in another order, and some
   # parameters (the key biases) are zero in theory and noise around 1e-6 in practice.
   scale = max(float(np.abs(p).max()) for p in jax.tree.leaves(state_one['params']))

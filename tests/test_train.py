@@ -119,17 +119,15 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path, capsys):
   exits; resuming that checkpoint (here in this process) ends with exactly the parameters and
   the example sequence of an uninterrupted run."""
   steps = 40
-  config = tiny_config(data_dir, total_steps=steps, eval_every=100000, checkpoint_every=100000,
-                       record_example_ids=True, evals={}, **{'mesh.data': 2, 'mesh.fsdp': 4})
-  overrides = [f'--config.{key}={value}' for key, value in (
-      ('total_steps', steps), ('eval_every', 100000), ('checkpoint_every', 100000),
-      ('record_example_ids', True), ('evals', '{}'), ('mesh.data', 2), ('mesh.fsdp', 4),
-      ('data.data_dir', data_dir))]
+  overrides = {'total_steps': steps, 'eval_every': 100000, 'checkpoint_every': 100000,
+               'record_example_ids': True, 'evals': {}, 'mesh.data': 2, 'mesh.fsdp': 4,
+               'data.data_dir': data_dir}
+  config = config_lib.load(TINY, overrides)
+  flags = [f'--config.{key}={value}' for key, value in overrides.items()]
   interrupted = tmp_path / 'interrupted'
   process = subprocess.Popen(
       [sys.executable, '-m', 'mmjax.train', '--config', TINY, '--workdir', str(interrupted),
-       *overrides], cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+       *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   ids_file = interrupted / 'example_ids.0.jsonl'
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
