@@ -16,7 +16,9 @@ Evaluation: 0/1/4-shot ranking of candidate names for emoji of the held-out styl
 from other names (`fewshot_format`: they show only the format), or retrieved among the
 candidates' drawings by the frozen vision tower's similarity to the query (`fewshot_retrieved`:
 RICES, as Flamingo's few-shot classification); `fewshot_unseen`, `fewshot_retrieved_unseen`:
-the same for names never trained on, known only from the demonstrations.
+the same for names never trained on, known only from the demonstrations;
+`fewshot_cued_unseen`: 4 shots of new names whose text says which demonstration shows the
+answer (cue digits, the format of `data.cue_prob`), a diagnostic of the LM's copying.
 
   # a CLIP of ours gives the vision tower; the LM learns the interleaved text first
   python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
@@ -57,7 +59,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       images_per_sequence=3,  # K (image, caption) chunks per training sequence
       max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
       repeat_prob=0.5,  # chunk j > 0 shows an earlier chunk's thing again (another drawing)
+      repeat_last_only=False,  # only the last chunk may repeat (the others: distinct things)
       made_up_prob=0.0,  # a sequence's things get made-up names (learn to copy new names)
+      cue_prob=0.0,  # a sequence's chunks get a cue digit per thing (says which repeats)
       augment=True,
       worker_count=0,
   )
@@ -115,6 +119,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       fewshot_unseen=dict(fewshot, names='unseen'),
       fewshot_retrieved_unseen=dict(fewshot, shots=(1, 4), demonstrations='retrieved',
                                     names='unseen'),
+      # Diagnostic: cue digits in the text say which demonstration shows the answer (the
+      # `cue_prob` format), so a model that copies the right one scores without pictures.
+      fewshot_cued_unseen=dict(fewshot, shots=(4,), names='unseen', cued=True),
   )
 
   if variant == 'tiny':

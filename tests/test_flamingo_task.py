@@ -136,6 +136,92 @@ def test_made_up_names_replace_every_name_consistently(data_dir):
         assert (names[i] == names[j]) == (train_names[ids[i]] == train_names[ids[j]])
 
 
+def test_only_the_last_chunk_repeats(data_dir):
+  names = ['cat', 'dog', 'cat', 'owl', 'dog', 'emu', 'owl']
+  by_name = interleaved.examples_by_name(names)
+  rng = np.random.default_rng(0)
+  repeated = set()
+  for _ in range(20):  # the last shows one of the first three things in its other drawing
+    indices = interleaved.with_repeats([0, 1, 3, 5], rng, names=names, by_name=by_name,
+                                       repeat_prob=1.0, last_only=True)
+    np.testing.assert_array_equal(indices[:3], [0, 1, 3])
+    repeated.add(int(indices[3]))
+  assert repeated == {2, 4, 6}
+
+  def example_ids(repeat_prob):
+    return next(interleaved.train_iterator(
+        data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
+        image_size=8, global_batch_size=64, seed=0, repeat_prob=repeat_prob,
+        repeat_last_only=True))['example_id']
+
+  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  ids = example_ids(0.5)
+  np.testing.assert_array_equal(ids[:, :3], example_ids(0.0)[:, :3])
+  distinct_before_last = [len({train_names[i] for i in row[:3]}) for row in ids]
+  last_repeats = [train_names[row[3]] in {train_names[i] for i in row[:3]} for row in ids]
+  assert np.mean(distinct_before_last) > 2.9  # the stream's own, not repeats
+  assert 0.3 < np.mean(last_repeats) < 0.7, np.mean(last_repeats)
+
+
+def test_cues_say_which_chunks_show_one_thing(data_dir):
+  cues = interleaved.with_cues(['cat', 'dog', 'cat', 'owl'], np.random.default_rng(0))
+  assert cues[0] == cues[2] and len(set(cues)) == 3 and all(c.isdigit() for c in cues)
+
+  tokenizer = instruct.ByteLMTokenizer()
+  row = interleaved.sequence(tokenizer, ['cat', 'dog'], max_len=48, cues=['3', '5'])
+  text = lambda s: list(tokenizer.encode_text(s))
+  image, eoc = tokenizer.image_id, interleaved.EOC_ID
+  ids = ([257, image] + text('3 an emoji of cat.') + [eoc, image] + text('5 an emoji of dog.')
+         + [eoc])
+  np.testing.assert_array_equal(row['tokens'][:len(ids)], ids)
+  weighted = row['targets'][row['loss_weights'] == 1]  # the cues and their spaces are not
+  np.testing.assert_array_equal(weighted, text('an emoji of cat.') + [eoc]
+                                + text('an emoji of dog.') + [eoc])
+
+  def batch(cue_prob):
+    return next(interleaved.train_iterator(
+        data_dir, tokenizer=tokenizer, images_per_sequence=4, max_len=160, image_size=8,
+        global_batch_size=16, seed=0, repeat_prob=0.5, cue_prob=cue_prob))
+
+  plain, cued = batch(0.0), batch(1.0)
+  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  for key in ('example_id', 'image'):  # the same things and drawings, only cued
+    np.testing.assert_array_equal(plain[key], cued[key])
+  for row, ids in zip(cued['tokens'], cued['example_id']):
+    # '3 an emoji of cat.5 an emoji of dog.': each cue stands before ' an emoji of '.
+    chunk_cues = [part[-1] for part in
+                  tokenizer.decode([t for t in row if t < 256]).split(' an emoji of ')[:4]]
+    for i in range(4):  # one cue per thing
+      for j in range(4):
+        assert (chunk_cues[i] == chunk_cues[j]) == (train_names[ids[i]] == train_names[ids[j]])
+
+
+def test_cued_fewshot_rows_cue_the_answer(data_dir):
+  """With `cued`, each demonstration carries its name's cue digit and the query its answer's:
+  the shown answer's cue when a demonstration shows it, else a digit no demonstration has."""
+  tokenizer = instruct.ByteLMTokenizer()
+  options = dict(tokenizer=tokenizer, shots=(2,), num_queries=8, num_candidates=4,
+                 image_size=8, names='unseen')
+  plain = interleaved.load_fewshot(data_dir, **options)[2]
+  cued = interleaved.load_fewshot(data_dir, cued=True, **options)[2]
+  assert 0 < cued['answer_shown'].sum() < 8
+  for key in ('image', 'answer', 'candidates', 'demonstrations', 'answer_shown'):
+    np.testing.assert_array_equal(np.asarray(plain[key], object), np.asarray(cued[key], object))
+  for q, (answer, demos) in enumerate(zip(cued['answer'], cued['demonstrations'])):
+    row = cued['tokens'][q * 4 + cued['answer_index'][q]]
+    parts = tokenizer.decode([t for t in row if t < 256]).split(' an emoji of ')
+    demo_cues, query_cue = [part[-1] for part in parts[:2]], parts[2][-1]
+    assert all(c.isdigit() for c in demo_cues + [query_cue])
+    assert (demo_cues[0] == demo_cues[1]) == (demos[0] == demos[1])
+    if answer in demos:
+      assert query_cue == demo_cues[demos.index(answer)]
+    else:
+      assert query_cue not in demo_cues
+    # The weighted targets are ' <answer>.' as without cues.
+    weighted = row[1:][cued['loss_weights'][q * 4 + cued['answer_index'][q]][:-1] == 1]
+    assert tokenizer.decode(weighted) == f' {answer.lower()}.'
+
+
 @pytest.fixture(scope='module')
 def config(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).

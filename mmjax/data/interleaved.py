@@ -62,13 +62,16 @@ def caption(name: str) -> str:
   return f'{CAPTION_PREFIX} {name}.'
 
 
-def _chunks(tokenizer, names) -> tuple[np.ndarray, np.ndarray]:
-  """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC."""
+def _chunks(tokenizer, names, cues=None) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC.
+  With `cues` (one string per name), chunk j reads `<image> <cue_j> caption [EOC]`, the cue
+  and its space unmarked (see `with_cues`)."""
   ids, is_text = [np.array([BOS_ID])], [np.array([False])]
-  for name in names:
+  for j, name in enumerate(names):
+    cue = tokenizer.encode_text(f'{cues[j]} ') if cues is not None else np.zeros(0, np.int32)
     text = tokenizer.encode_text(caption(name))
-    ids.append(np.concatenate([[tokenizer.image_id], text, [EOC_ID]]))
-    is_text.append(np.concatenate([[False], np.ones(len(text) + 1, bool)]))
+    ids.append(np.concatenate([[tokenizer.image_id], cue, text, [EOC_ID]]))
+    is_text.append(np.concatenate([np.zeros(1 + len(cue), bool), np.ones(len(text) + 1, bool)]))
   return np.concatenate(ids).astype(np.int32), np.concatenate(is_text)
 
 
@@ -84,10 +87,10 @@ def _row(ids, weighted, max_len: int) -> dict[str, np.ndarray]:
   return dict(tokens=tokens, targets=targets, loss_weights=loss_weights)
 
 
-def sequence(tokenizer, names, max_len: int) -> dict[str, np.ndarray]:
-  """The training row of the chunks of `names`: tokens, targets int32 [L], loss_weights
-  float32 [L] (1 on caption and EOC targets)."""
-  return _row(*_chunks(tokenizer, names), max_len)
+def sequence(tokenizer, names, max_len: int, cues=None) -> dict[str, np.ndarray]:
+  """The training row of the chunks of `names` (and `cues`, see `_chunks`): tokens, targets
+  int32 [L], loss_weights float32 [L] (1 on caption and EOC targets)."""
+  return _row(*_chunks(tokenizer, names, cues), max_len)
 
 
 def examples_by_name(names) -> dict[str, np.ndarray]:
@@ -98,12 +101,18 @@ def examples_by_name(names) -> dict[str, np.ndarray]:
   return {name: np.array(indices) for name, indices in by_name.items()}
 
 
-def with_repeats(indices, rng, *, names, by_name, repeat_prob: float) -> np.ndarray:
-  """`indices [K]` with each chunk j > 0 replaced, with probability `repeat_prob`, by another
-  example of the name of a uniformly chosen earlier chunk (a drawing not used yet in the
-  sequence if the name has one, else the same example again)."""
+def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
+                 last_only: bool = False) -> np.ndarray:
+  """`indices [K]` with each chunk j > 0 (only the last with `last_only`) replaced, with
+  probability `repeat_prob`, by another example of the name of a uniformly chosen earlier
+  chunk (a drawing not used yet in the sequence if the name has one, else the same example
+  again).
+
+  With `last_only` the K - 1 chunks before the last are (nearly always) distinct things, as
+  the demonstrations of a few-shot prompt, so naming a repeat asks which of them it shows;
+  repeats anywhere make most of them repeats of the only or the same earlier thing."""
   indices = np.array(indices)
-  for j in range(1, len(indices)):
+  for j in range(len(indices) - 1 if last_only else 1, len(indices)):
     if rng.random() < repeat_prob:
       same = by_name[names[int(indices[rng.integers(j)])]]
       unused = np.setdiff1d(same, indices[:j])
@@ -134,25 +143,49 @@ def with_made_up_names(chunk_names, rng) -> list[str]:
   return [made_up[name] for name in chunk_names]
 
 
+_CUE_DIGITS = '0123456789'
+
+
+def with_cues(chunk_names, rng) -> list[str]:
+  """A text cue per chunk: one digit per distinct name of `chunk_names`, distinct digits for
+  distinct names, drawn at random per sequence.
+
+  A cue says in the text alone which earlier chunk a repeat shows, as a matching picture
+  does; an LM trained on cued sequences (`cue_prob`) learns to find the earlier chunk by its
+  content and copy that chunk's name, the circuit that Flamingo's cross-attention can then
+  drive with pictures instead of cues.
+  """
+  distinct = list(dict.fromkeys(chunk_names))
+  if len(distinct) > len(_CUE_DIGITS):
+    raise ValueError(f'{len(distinct)} distinct names, only {len(_CUE_DIGITS)} cue digits')
+  digits = rng.choice(list(_CUE_DIGITS), len(distinct), replace=False)
+  cue = dict(zip(distinct, digits))
+  return [str(cue[name]) for name in chunk_names]
+
+
 def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
-                   augment, repeat_prob, made_up_prob):
+                   augment, repeat_prob, made_up_prob, cue_prob=0.0, repeat_last_only=False):
   """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
   `with_repeats`; with probability `made_up_prob` every name made up, see
-  `with_made_up_names`), images randomised by `rng`."""
-  indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob)
+  `with_made_up_names`; with probability `cue_prob` cued, see `with_cues`), images
+  randomised by `rng`."""
+  indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob,
+                         last_only=repeat_last_only)
   images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
                                      rng if augment else None) for i in indices])
   chunk_names = [names[int(i)] for i in indices]
   if made_up_prob and rng.random() < made_up_prob:  # no draw when 0: streams stay as before
     chunk_names = with_made_up_names(chunk_names, rng)
-  return dict(sequence(tokenizer, chunk_names, max_len), image=images,
+  cues = with_cues(chunk_names, rng) if cue_prob and rng.random() < cue_prob else None
+  return dict(sequence(tokenizer, chunk_names, max_len, cues), image=images,
               example_id=np.asarray(indices, np.int32))
 
 
 def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_len: int,
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True,
-                   repeat_prob: float = 0.0, made_up_prob: float = 0.0):
+                   repeat_prob: float = 0.0, made_up_prob: float = 0.0, cue_prob: float = 0.0,
+                   repeat_last_only: bool = False):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
   The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
@@ -161,13 +194,17 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   tokens and targets int32 [b, L], loss_weights float32 [b, L] (see `sequence`) and
   example_id int32 [b, K] (indices in the emoji train split). The K examples of a sequence
   are consecutive elements of an endlessly reshuffled stream of the split, some replaced by
-  repeats of earlier chunks' names (`repeat_prob`, see `with_repeats`). A fraction
+  repeats of earlier chunks' names (`repeat_prob`; only the last chunk with
+  `repeat_last_only`, see `with_repeats`). A fraction
   `made_up_prob` of the sequences name their things by made-up names (`with_made_up_names`):
   a model cannot have memorised those, so it can name a repeat only by matching its picture
   to the earlier one and copying the name from the context, the skill few-shot prompting with
-  new names (`names='unseen'` below) asks for.
+  new names (`names='unseen'` below) asks for. A fraction `cue_prob` of the sequences carry
+  a cue digit per thing after each `<image>` (`with_cues`): the text then says which
+  earlier chunk a repeat shows (for the LM stage; the few-shot prompts have no cues).
   """
-  for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob)):
+  for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob),
+                  ('cue_prob', cue_prob)):
     if not 0.0 <= p <= 1.0:
       raise ValueError(f'{name}={p} is not in [0, 1]')
   source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
@@ -176,7 +213,8 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   example = functools.partial(_train_example, source=source, names=names,
                               by_name=examples_by_name(names), tokenizer=tokenizer,
                               image_size=image_size, max_len=max_len, augment=augment,
-                              repeat_prob=repeat_prob, made_up_prob=made_up_prob)
+                              repeat_prob=repeat_prob, made_up_prob=made_up_prob,
+                              cue_prob=cue_prob, repeat_last_only=repeat_last_only)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))
@@ -247,14 +285,22 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
       support_names=support_names, support_image=functools.partial(image, support_source))
 
 
-def fewshot_split(tokenizer, queries: FewShotQueries, demos) -> dict:
+def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False) -> dict:
   """Ranking rows of every query with its demonstrations `demos` (n lists of k support
-  example indices, in prompt order); the keys of `load_fewshot`'s splits."""
+  example indices, in prompt order); the keys of `load_fewshot`'s splits. `cued`: the chunks
+  carry cues (`with_cues`; the query's is its answer's), so the text alone says which
+  demonstration shows the answer: what a text-only LM can do once told which one to copy."""
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
     demo_names.append([queries.support_names[d] for d in demos[q]])
-    context, _ = _chunks(tokenizer, demo_names[-1])
-    prompt = np.concatenate([context, [tokenizer.image_id],
+    if cued:
+      cues = with_cues(demo_names[-1] + [queries.answer[q]], np.random.default_rng([q, 11]))
+      context, _ = _chunks(tokenizer, demo_names[-1], cues[:-1])
+      query_cue = tokenizer.encode_text(f'{cues[-1]} ')
+    else:
+      context, _ = _chunks(tokenizer, demo_names[-1])
+      query_cue = np.zeros(0, np.int32)
+    prompt = np.concatenate([context, [tokenizer.image_id], query_cue,
                              tokenizer.encode_text(CAPTION_PREFIX)])
     row_images = np.stack([queries.support_image(d) for d in demos[q]] + [queries.images[q]])
     for name in names:
@@ -274,7 +320,7 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos) -> dict:
 
 def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
                  image_size: int, seed: int = 0, demonstrations: str = 'candidates',
-                 names: str = 'seen') -> dict[int, dict]:
+                 names: str = 'seen', cued: bool = False) -> dict[int, dict]:
   """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
 
   The same queries (`fewshot_queries`) serve every k in `shots`. Returns {k: {'image':
@@ -285,7 +331,7 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
   lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row
   q * C + c is query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
   `demonstrations`: 'candidates' or 'other_names'; `names`: 'seen' or 'unseen' (see the
-  module docstring).
+  module docstring); `cued`: see `fewshot_split`.
   """
   if demonstrations not in ('candidates', 'other_names'):
     raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
@@ -305,5 +351,5 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
       else:
         allowed = np.flatnonzero(np.array(queries.support_names) != answer)
         demos.append(demo_rng.choice(allowed, k, replace=False))
-    splits[k] = fewshot_split(tokenizer, queries, demos)
+    splits[k] = fewshot_split(tokenizer, queries, demos, cued)
   return splits

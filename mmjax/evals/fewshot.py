@@ -127,7 +127,8 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
   demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
   'retrieved' (`RetrievedDemonstrations`)), names ('seen' (default) or 'unseen': the queries'
-  names, see `mmjax.data.interleaved`).
+  names, see `mmjax.data.interleaved`), cued (default False: the text says which
+  demonstration shows the answer, `interleaved.fewshot_split`).
 
   The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
   built), `config.data.image_size` and, for 'retrieved', `image_embedding_fn(mesh)`.
@@ -137,13 +138,16 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   options = dict(num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
                  image_size=task.config.data.image_size, seed=eval_config.get('seed', 0),
                  names=eval_config.get('names', 'seen'))
+  cued = eval_config.get('cued', False)
   if demonstrations == 'retrieved':
+    if cued:
+      raise ValueError("cued=True needs demonstrations 'candidates' or 'other_names'")
     splits = RetrievedDemonstrations(
         queries=interleaved.fewshot_queries(task.data_dir, **options),
         tokenizer=task.tokenizer, shots=shots, embed_fn=task.image_embedding_fn(mesh),
         mesh=mesh, batch_size=eval_config.batch_size)
   else:
     splits = interleaved.load_fewshot(task.data_dir, tokenizer=task.tokenizer, shots=shots,
-                                      demonstrations=demonstrations, **options)
+                                      demonstrations=demonstrations, cued=cued, **options)
   return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
                           batch_size=eval_config.batch_size, mesh=mesh)

@@ -165,7 +165,8 @@ class FlamingoTask(Task):
         global_batch_size=self.config.batch_size, seed=self.config.seed,
         process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob,
-        made_up_prob=data.get('made_up_prob', 0.0))
+        made_up_prob=data.get('made_up_prob', 0.0), cue_prob=data.get('cue_prob', 0.0),
+        repeat_last_only=data.get('repeat_last_only', False))
 
   def evaluators(self, mesh):
     return evals.build(self.config.evals, self, mesh)
