@@ -32,6 +32,18 @@ def flamingo_config(data_dir, **overrides):
   return config_lib.load(FLAMINGO_TINY, {'data.data_dir': data_dir, **overrides})
 
 
+def _first_batch(data_dir, global_batch_size=16, **options):
+  """The first batch of an interleaved train stream of 4-chunk rows with `options`."""
+  return next(interleaved.train_iterator(
+      data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
+      image_size=8, global_batch_size=global_batch_size, seed=0, **options))
+
+
+def _train_names(data_dir) -> list[str]:
+  """The name of every example of the emoji train split."""
+  return [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+
+
 def _flat(params):
   return {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params))}
@@ -90,10 +102,8 @@ def test_repeated_things_in_other_drawings(data_dir):
   assert sorted(indices[:3]) == [0, 2, 3] and names[indices[3]] == 'cat'
   assert names[repeat([5, 1], 1.0)[1]] == 'owl'  # no other drawing: the same again
 
-  batch = next(interleaved.train_iterator(
-      data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
-      image_size=8, global_batch_size=64, seed=0, repeat_prob=0.5))
-  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  batch = _first_batch(data_dir, global_batch_size=64, repeat_prob=0.5)
+  train_names = _train_names(data_dir)
   train_by_name = interleaved.examples_by_name(train_names)
   repeats = new_drawings = 0
   for ids in batch['example_id']:
@@ -115,13 +125,9 @@ def test_made_up_names_replace_every_name_consistently(data_dir):
   assert made_up[0] == made_up[2] and len(set(made_up)) == 3
   assert not {'cat', 'dog', 'owl'} & set(made_up)
 
-  def batch(made_up_prob):
-    return next(interleaved.train_iterator(
-        data_dir, tokenizer=tokenizer, images_per_sequence=4, max_len=160, image_size=8,
-        global_batch_size=16, seed=0, repeat_prob=0.5, made_up_prob=made_up_prob))
-
-  plain, all_made_up = batch(0.0), batch(1.0)
-  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  plain = _first_batch(data_dir, repeat_prob=0.5, made_up_prob=0.0)
+  all_made_up = _first_batch(data_dir, repeat_prob=0.5, made_up_prob=1.0)
+  train_names = _train_names(data_dir)
   for key in ('example_id', 'image'):  # the same things and drawings, only renamed
     np.testing.assert_array_equal(plain[key], all_made_up[key])
   for plain_row, row, ids in zip(plain['tokens'], all_made_up['tokens'],
@@ -148,13 +154,10 @@ def test_only_the_last_chunk_repeats(data_dir):
     repeated.add(int(indices[3]))
   assert repeated == {2, 4, 6}
 
-  def example_ids(repeat_prob):
-    return next(interleaved.train_iterator(
-        data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
-        image_size=8, global_batch_size=64, seed=0, repeat_prob=repeat_prob,
-        repeat_last_only=True))['example_id']
-
-  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  example_ids = lambda repeat_prob: _first_batch(
+      data_dir, global_batch_size=64, repeat_prob=repeat_prob,
+      repeat_last_only=True)['example_id']
+  train_names = _train_names(data_dir)
   ids = example_ids(0.5)
   np.testing.assert_array_equal(ids[:, :3], example_ids(0.0)[:, :3])
   distinct_before_last = [len({train_names[i] for i in row[:3]}) for row in ids]
@@ -178,13 +181,9 @@ def test_cues_say_which_chunks_show_one_thing(data_dir):
   np.testing.assert_array_equal(weighted, text('an emoji of cat.') + [eoc]
                                 + text('an emoji of dog.') + [eoc])
 
-  def batch(cue_prob):
-    return next(interleaved.train_iterator(
-        data_dir, tokenizer=tokenizer, images_per_sequence=4, max_len=160, image_size=8,
-        global_batch_size=16, seed=0, repeat_prob=0.5, cue_prob=cue_prob))
-
-  plain, cued = batch(0.0), batch(1.0)
-  train_names = [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  plain = _first_batch(data_dir, repeat_prob=0.5, cue_prob=0.0)
+  cued = _first_batch(data_dir, repeat_prob=0.5, cue_prob=1.0)
+  train_names = _train_names(data_dir)
   for key in ('example_id', 'image'):  # the same things and drawings, only cued
     np.testing.assert_array_equal(plain[key], cued[key])
   for row, ids in zip(cued['tokens'], cued['example_id']):
