@@ -62,6 +62,7 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       repeat_last_only=False,  # only the last chunk may repeat (the others: distinct things)
       made_up_prob=0.0,  # a sequence's things get made-up names (learn to copy new names)
       cue_prob=0.0,  # a sequence's chunks get a cue digit per thing (says which repeats)
+      cue_at='image',  # the cue after `<image>` or ('name') right before the name
       augment=True,
       worker_count=0,
   )

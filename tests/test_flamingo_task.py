@@ -180,6 +180,16 @@ def test_cues_say_which_chunks_show_one_thing(data_dir):
   weighted = row['targets'][row['loss_weights'] == 1]  # the cues and their spaces are not
   np.testing.assert_array_equal(weighted, text('an emoji of cat.') + [eoc]
                                 + text('an emoji of dog.') + [eoc])
+  # cue_at='name': the cue right before the name, which the cue predicts.
+  row = interleaved.sequence(tokenizer, ['cat', 'dog'], max_len=48, cues=['3', '5'],
+                             cue_at='name')
+  ids = ([257, image] + text('an emoji of 3cat.') + [eoc, image] + text('an emoji of 5dog.')
+         + [eoc])
+  np.testing.assert_array_equal(row['tokens'][:len(ids)], ids)
+  np.testing.assert_array_equal(row['targets'][row['loss_weights'] == 1], weighted)
+  assert row['loss_weights'][ids.index(text('3')[0])] == 1  # 'c' after the cue is weighted
+  with pytest.raises(ValueError, match="cue_at='caption'"):
+    interleaved.sequence(tokenizer, ['cat'], max_len=48, cues=['3'], cue_at='caption')
 
   plain = _first_batch(data_dir, repeat_prob=0.5, cue_prob=0.0)
   cued = _first_batch(data_dir, repeat_prob=0.5, cue_prob=1.0)
@@ -197,12 +207,14 @@ def test_cues_say_which_chunks_show_one_thing(data_dir):
 
 def test_cued_fewshot_rows_cue_the_answer(data_dir):
   """With `cued`, each demonstration carries its name's cue digit and the query its answer's:
-  the shown answer's cue when a demonstration shows it, else a digit no demonstration has."""
+  the shown answer's cue when a demonstration shows it, else a digit no demonstration has;
+  after `<image>` (cue_at='image') or right before the name (cue_at='name')."""
   tokenizer = instruct.ByteLMTokenizer()
   options = dict(tokenizer=tokenizer, shots=(2,), num_queries=8, num_candidates=4,
                  image_size=8, names='unseen')
   plain = interleaved.load_fewshot(data_dir, **options)[2]
   cued = interleaved.load_fewshot(data_dir, cued=True, **options)[2]
+  at_name = interleaved.load_fewshot(data_dir, cued=True, cue_at='name', **options)[2]
   assert 0 < cued['answer_shown'].sum() < 8
   for key in ('image', 'answer', 'candidates', 'demonstrations', 'answer_shown'):
     np.testing.assert_array_equal(np.asarray(plain[key], object), np.asarray(cued[key], object))
@@ -219,6 +231,14 @@ def test_cued_fewshot_rows_cue_the_answer(data_dir):
     # The weighted targets are ' <answer>.' as without cues.
     weighted = row[1:][cued['loss_weights'][q * 4 + cued['answer_index'][q]][:-1] == 1]
     assert tokenizer.decode(weighted) == f' {answer.lower()}.'
+
+    # cue_at='name': the same cues, each right before its name; the answer follows the cue.
+    row = at_name['tokens'][q * 4 + at_name['answer_index'][q]]
+    expected = ''.join(f'an emoji of {cue}{name}.'
+                       for cue, name in zip(demo_cues + [query_cue], demos + [answer]))
+    assert tokenizer.decode([t for t in row if t < 256]) == expected.lower()
+    weighted = row[1:][at_name['loss_weights'][q * 4 + at_name['answer_index'][q]][:-1] == 1]
+    assert tokenizer.decode(weighted) == f'{answer.lower()}.'
 
 
 @pytest.fixture(scope='module')

@@ -62,16 +62,28 @@ def caption(name: str) -> str:
   return f'{CAPTION_PREFIX} {name}.'
 
 
-def _chunks(tokenizer, names, cues=None) -> tuple[np.ndarray, np.ndarray]:
+def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
+            ) -> tuple[np.ndarray, np.ndarray]:
   """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC.
-  With `cues` (one string per name), chunk j reads `<image> <cue_j> caption [EOC]`, the cue
-  and its space unmarked (see `with_cues`)."""
+  With `cues` (one string per name, see `with_cues`), chunk j reads, by `cue_at`:
+    'image'  `<image> <cue_j> an emoji of <name>. [EOC]`, the cue and its space unmarked;
+    'name'   `<image> an emoji of <cue_j><name>. [EOC]`, the cue unmarked: the name's first
+             byte follows the cue, so an LM names a repeat by the plain induction of a
+             token's successor (find the earlier cue, copy what came after it)."""
+  if cue_at not in CUE_PLACES:
+    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
   ids, is_text = [np.array([BOS_ID])], [np.array([False])]
   for j, name in enumerate(names):
-    cue = tokenizer.encode_text(f'{cues[j]} ') if cues is not None else np.zeros(0, np.int32)
-    text = tokenizer.encode_text(caption(name))
-    ids.append(np.concatenate([[tokenizer.image_id], cue, text, [EOC_ID]]))
-    is_text.append(np.concatenate([np.zeros(1 + len(cue), bool), np.ones(len(text) + 1, bool)]))
+    if cues is None:
+      parts = [(caption(name), True)]
+    elif cue_at == 'image':
+      parts = [(f'{cues[j]} ', False), (caption(name), True)]
+    else:
+      parts = [(f'{CAPTION_PREFIX} ', True), (cues[j], False), (f'{name}.', True)]
+    encoded = [(tokenizer.encode_text(text), marked) for text, marked in parts]
+    ids.append(np.concatenate([[tokenizer.image_id]] + [e for e, _ in encoded] + [[EOC_ID]]))
+    is_text.append(np.concatenate([[False]] + [np.full(len(e), m) for e, m in encoded]
+                                  + [[True]]))
   return np.concatenate(ids).astype(np.int32), np.concatenate(is_text)
 
 
@@ -87,10 +99,11 @@ def _row(ids, weighted, max_len: int) -> dict[str, np.ndarray]:
   return dict(tokens=tokens, targets=targets, loss_weights=loss_weights)
 
 
-def sequence(tokenizer, names, max_len: int, cues=None) -> dict[str, np.ndarray]:
-  """The training row of the chunks of `names` (and `cues`, see `_chunks`): tokens, targets
-  int32 [L], loss_weights float32 [L] (1 on caption and EOC targets)."""
-  return _row(*_chunks(tokenizer, names, cues), max_len)
+def sequence(tokenizer, names, max_len: int, cues=None,
+             cue_at: str = 'image') -> dict[str, np.ndarray]:
+  """The training row of the chunks of `names` (and `cues` at `cue_at`, see `_chunks`):
+  tokens, targets int32 [L], loss_weights float32 [L] (1 on caption and EOC targets)."""
+  return _row(*_chunks(tokenizer, names, cues, cue_at), max_len)
 
 
 def examples_by_name(names) -> dict[str, np.ndarray]:
@@ -119,6 +132,9 @@ def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
       indices[j] = rng.choice(unused if len(unused) else same)
   return indices
 
+
+# Where a cue digit stands in a chunk (`_chunks`).
+CUE_PLACES = ('image', 'name')
 
 _CONSONANTS, _VOWELS = 'bcdfghjklmnprstvwz', 'aeiou'
 
@@ -164,11 +180,12 @@ def with_cues(chunk_names, rng) -> list[str]:
 
 
 def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
-                   augment, repeat_prob, made_up_prob, cue_prob=0.0, repeat_last_only=False):
+                   augment, repeat_prob, made_up_prob, cue_prob=0.0, cue_at='image',
+                   repeat_last_only=False):
   """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
   `with_repeats`; with probability `made_up_prob` every name made up, see
-  `with_made_up_names`; with probability `cue_prob` cued, see `with_cues`), images
-  randomised by `rng`."""
+  `with_made_up_names`; with probability `cue_prob` cued at `cue_at`, see `with_cues` and
+  `_chunks`), images randomised by `rng`."""
   indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob,
                          last_only=repeat_last_only)
   images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
@@ -177,7 +194,7 @@ def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_siz
   if made_up_prob and rng.random() < made_up_prob:  # no draw when 0: streams stay as before
     chunk_names = with_made_up_names(chunk_names, rng)
   cues = with_cues(chunk_names, rng) if cue_prob and rng.random() < cue_prob else None
-  return dict(sequence(tokenizer, chunk_names, max_len, cues), image=images,
+  return dict(sequence(tokenizer, chunk_names, max_len, cues, cue_at), image=images,
               example_id=np.asarray(indices, np.int32))
 
 
@@ -185,7 +202,7 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True,
                    repeat_prob: float = 0.0, made_up_prob: float = 0.0, cue_prob: float = 0.0,
-                   repeat_last_only: bool = False):
+                   cue_at: str = 'image', repeat_last_only: bool = False):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
   The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
@@ -200,9 +217,12 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   a model cannot have memorised those, so it can name a repeat only by matching its picture
   to the earlier one and copying the name from the context, the skill few-shot prompting with
   new names (`names='unseen'` below) asks for. A fraction `cue_prob` of the sequences carry
-  a cue digit per thing after each `<image>` (`with_cues`): the text then says which
-  earlier chunk a repeat shows (for the LM stage; the few-shot prompts have no cues).
+  a cue digit per thing after each `<image>` or, `cue_at='name'`, before each name
+  (`with_cues`, `_chunks`): the text then says which earlier chunk a repeat shows (for the
+  LM stage; the few-shot prompts have no cues).
   """
+  if cue_at not in CUE_PLACES:
+    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
   for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob),
                   ('cue_prob', cue_prob)):
     if not 0.0 <= p <= 1.0:
@@ -214,7 +234,8 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
                               by_name=examples_by_name(names), tokenizer=tokenizer,
                               image_size=image_size, max_len=max_len, augment=augment,
                               repeat_prob=repeat_prob, made_up_prob=made_up_prob,
-                              cue_prob=cue_prob, repeat_last_only=repeat_last_only)
+                              cue_prob=cue_prob, cue_at=cue_at,
+                              repeat_last_only=repeat_last_only)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))
@@ -285,26 +306,33 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
       support_names=support_names, support_image=functools.partial(image, support_source))
 
 
-def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False) -> dict:
+def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False,
+                  cue_at: str = 'image') -> dict:
   """Ranking rows of every query with its demonstrations `demos` (n lists of k support
   example indices, in prompt order); the keys of `load_fewshot`'s splits. `cued`: the chunks
   carry cues (`with_cues`; the query's is its answer's), so the text alone says which
-  demonstration shows the answer: what a text-only LM can do once told which one to copy."""
+  demonstration shows the answer: what a text-only LM can do once told which one to copy;
+  `cue_at`: where the cues stand (`_chunks`). The weighted answer is ' <candidate>.', or
+  '<candidate>.' after the query's cue with `cue_at='name'`."""
+  if cue_at not in CUE_PLACES:
+    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
     demo_names.append([queries.support_names[d] for d in demos[q]])
-    if cued:
-      cues = with_cues(demo_names[-1] + [queries.answer[q]], np.random.default_rng([q, 11]))
-      context, _ = _chunks(tokenizer, demo_names[-1], cues[:-1])
-      query_cue = tokenizer.encode_text(f'{cues[-1]} ')
-    else:
+    if not cued:
       context, _ = _chunks(tokenizer, demo_names[-1])
-      query_cue = np.zeros(0, np.int32)
-    prompt = np.concatenate([context, [tokenizer.image_id], query_cue,
-                             tokenizer.encode_text(CAPTION_PREFIX)])
+      query_text, space = CAPTION_PREFIX, ' '
+    else:
+      cues = with_cues(demo_names[-1] + [queries.answer[q]], np.random.default_rng([q, 11]))
+      context, _ = _chunks(tokenizer, demo_names[-1], cues[:-1], cue_at)
+      if cue_at == 'image':
+        query_text, space = f'{cues[-1]} {CAPTION_PREFIX}', ' '
+      else:
+        query_text, space = f'{CAPTION_PREFIX} {cues[-1]}', ''
+    prompt = np.concatenate([context, [tokenizer.image_id], tokenizer.encode_text(query_text)])
     row_images = np.stack([queries.support_image(d) for d in demos[q]] + [queries.images[q]])
     for name in names:
-      answer = tokenizer.encode_text(f' {name}.')
+      answer = tokenizer.encode_text(f'{space}{name}.')
       ids.append(np.concatenate([prompt, answer]).astype(np.int32))
       weighted.append(np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
       images.append(row_images)
@@ -320,7 +348,8 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False)
 
 def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
                  image_size: int, seed: int = 0, demonstrations: str = 'candidates',
-                 names: str = 'seen', cued: bool = False) -> dict[int, dict]:
+                 names: str = 'seen', cued: bool = False,
+                 cue_at: str = 'image') -> dict[int, dict]:
   """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
 
   The same queries (`fewshot_queries`) serve every k in `shots`. Returns {k: {'image':
@@ -331,7 +360,7 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
   lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row
   q * C + c is query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
   `demonstrations`: 'candidates' or 'other_names'; `names`: 'seen' or 'unseen' (see the
-  module docstring); `cued`: see `fewshot_split`.
+  module docstring); `cued`, `cue_at`: see `fewshot_split`.
   """
   if demonstrations not in ('candidates', 'other_names'):
     raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
@@ -351,5 +380,5 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
       else:
         allowed = np.flatnonzero(np.array(queries.support_names) != answer)
         demos.append(demo_rng.choice(allowed, k, replace=False))
-    splits[k] = fewshot_split(tokenizer, queries, demos, cued)
+    splits[k] = fewshot_split(tokenizer, queries, demos, cued, cue_at)
   return splits

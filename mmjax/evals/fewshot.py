@@ -128,7 +128,8 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
   demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
   'retrieved' (`RetrievedDemonstrations`)), names ('seen' (default) or 'unseen': the queries'
   names, see `mmjax.data.interleaved`), cued (default False: the text says which
-  demonstration shows the answer, `interleaved.fewshot_split`).
+  demonstration shows the answer, `interleaved.fewshot_split`, with the cues where the
+  task's `config.data.cue_at` puts them).
 
   The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
   built), `config.data.image_size` and, for 'retrieved', `image_embedding_fn(mesh)`.
@@ -148,6 +149,7 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
         mesh=mesh, batch_size=eval_config.batch_size)
   else:
     splits = interleaved.load_fewshot(task.data_dir, tokenizer=task.tokenizer, shots=shots,
-                                      demonstrations=demonstrations, cued=cued, **options)
+                                      demonstrations=demonstrations, cued=cued,
+                                      cue_at=task.config.data.get('cue_at', 'image'), **options)
   return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
                           batch_size=eval_config.batch_size, mesh=mesh)

@@ -166,6 +166,7 @@ class FlamingoTask(Task):
         process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob,
         made_up_prob=data.get('made_up_prob', 0.0), cue_prob=data.get('cue_prob', 0.0),
+        cue_at=data.get('cue_at', 'image'),
         repeat_last_only=data.get('repeat_last_only', False))
 
   def evaluators(self, mesh):
