@@ -62,6 +62,15 @@ def caption(name: str) -> str:
   return f'{CAPTION_PREFIX} {name}.'
 
 
+# Where a cue digit stands in a chunk (`_chunks`).
+CUE_PLACES = ('image', 'name')
+
+
+def _check_cue_place(cue_at: str):
+  if cue_at not in CUE_PLACES:
+    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
+
+
 def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
             ) -> tuple[np.ndarray, np.ndarray]:
   """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC.
@@ -70,8 +79,7 @@ def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
     'name'   `<image> an emoji of <cue_j><name>. [EOC]`, the cue unmarked: the name's first
              byte follows the cue, so an LM names a repeat by the plain induction of a
              token's successor (find the earlier cue, copy what came after it)."""
-  if cue_at not in CUE_PLACES:
-    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
+  _check_cue_place(cue_at)
   ids, is_text = [np.array([BOS_ID])], [np.array([False])]
   for j, name in enumerate(names):
     if cues is None:
@@ -132,9 +140,6 @@ def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
       indices[j] = rng.choice(unused if len(unused) else same)
   return indices
 
-
-# Where a cue digit stands in a chunk (`_chunks`).
-CUE_PLACES = ('image', 'name')
 
 _CONSONANTS, _VOWELS = 'bcdfghjklmnprstvwz', 'aeiou'
 
@@ -221,8 +226,7 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   (`with_cues`, `_chunks`): the text then says which earlier chunk a repeat shows (for the
   LM stage; the few-shot prompts have no cues).
   """
-  if cue_at not in CUE_PLACES:
-    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
+  _check_cue_place(cue_at)
   for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob),
                   ('cue_prob', cue_prob)):
     if not 0.0 <= p <= 1.0:
@@ -314,8 +318,6 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False,
   demonstration shows the answer: what a text-only LM can do once told which one to copy;
   `cue_at`: where the cues stand (`_chunks`). The weighted answer is ' <candidate>.', or
   '<candidate>.' after the query's cue with `cue_at='name'`."""
-  if cue_at not in CUE_PLACES:
-    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
     demo_names.append([queries.support_names[d] for d in demos[q]])
