@@ -58,10 +58,6 @@ TRAIN_SPLIT = 'train'
 FEWSHOT_SPLITS = {'seen': ('test_seen', 'train'), 'unseen': ('test_unseen', 'support_unseen')}
 
 
-def caption(name: str) -> str:
-  return f'{CAPTION_PREFIX} {name}.'
-
-
 # Where a cue digit stands in a chunk (`_chunks`).
 CUE_PLACES = ('image', 'name')
 
@@ -71,23 +67,29 @@ def _check_cue_place(cue_at: str):
     raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
 
 
+def _caption_parts(name: str, cue=None, cue_at: str = 'image') -> list[tuple[str, bool]]:
+  """A chunk's text as (text, in the loss) parts, the name (and the space before it) last.
+  Without a `cue`: `an emoji of <name>.`; with one, by `cue_at`:
+    'image'  `<cue> an emoji of <name>.`, the cue and its space not in the loss;
+    'name'   `an emoji of <cue><name>.`, the cue not in the loss: the name's first byte
+             follows the cue, so an LM names a repeat by the plain induction of a token's
+             successor (find the earlier cue, copy what came after it)."""
+  if cue is None:
+    return [(CAPTION_PREFIX, True), (f' {name}.', True)]
+  if cue_at == 'image':
+    return [(f'{cue} ', False), (CAPTION_PREFIX, True), (f' {name}.', True)]
+  return [(f'{CAPTION_PREFIX} ', True), (cue, False), (f'{name}.', True)]
+
+
 def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
             ) -> tuple[np.ndarray, np.ndarray]:
   """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC.
-  With `cues` (one string per name, see `with_cues`), chunk j reads, by `cue_at`:
-    'image'  `<image> <cue_j> an emoji of <name>. [EOC]`, the cue and its space unmarked;
-    'name'   `<image> an emoji of <cue_j><name>. [EOC]`, the cue unmarked: the name's first
-             byte follows the cue, so an LM names a repeat by the plain induction of a
-             token's successor (find the earlier cue, copy what came after it)."""
+  With `cues` (one string per name, see `with_cues`) each caption carries its cue at
+  `cue_at` (`_caption_parts`), the cue unmarked."""
   _check_cue_place(cue_at)
   ids, is_text = [np.array([BOS_ID])], [np.array([False])]
   for j, name in enumerate(names):
-    if cues is None:
-      parts = [(caption(name), True)]
-    elif cue_at == 'image':
-      parts = [(f'{cues[j]} ', False), (caption(name), True)]
-    else:
-      parts = [(f'{CAPTION_PREFIX} ', True), (cues[j], False), (f'{name}.', True)]
+    parts = _caption_parts(name, None if cues is None else cues[j], cue_at)
     encoded = [(tokenizer.encode_text(text), marked) for text, marked in parts]
     ids.append(np.concatenate([[tokenizer.image_id]] + [e for e, _ in encoded] + [[EOC_ID]]))
     is_text.append(np.concatenate([[False]] + [np.full(len(e), m) for e, m in encoded]
@@ -316,25 +318,22 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False,
   example indices, in prompt order); the keys of `load_fewshot`'s splits. `cued`: the chunks
   carry cues (`with_cues`; the query's is its answer's), so the text alone says which
   demonstration shows the answer: what a text-only LM can do once told which one to copy;
-  `cue_at`: where the cues stand (`_chunks`). The weighted answer is ' <candidate>.', or
-  '<candidate>.' after the query's cue with `cue_at='name'`."""
+  `cue_at`: where the cues stand (`_caption_parts`). The weighted answer is the caption's
+  last part: ' <candidate>.', or '<candidate>.' after the query's cue with `cue_at='name'`."""
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
     demo_names.append([queries.support_names[d] for d in demos[q]])
-    if not cued:
-      context, _ = _chunks(tokenizer, demo_names[-1])
-      query_text, space = CAPTION_PREFIX, ' '
-    else:
-      cues = with_cues(demo_names[-1] + [queries.answer[q]], np.random.default_rng([q, 11]))
-      context, _ = _chunks(tokenizer, demo_names[-1], cues[:-1], cue_at)
-      if cue_at == 'image':
-        query_text, space = f'{cues[-1]} {CAPTION_PREFIX}', ' '
-      else:
-        query_text, space = f'{CAPTION_PREFIX} {cues[-1]}', ''
+    demo_cues = query_cue = None
+    if cued:
+      *demo_cues, query_cue = with_cues(demo_names[-1] + [queries.answer[q]],
+                                        np.random.default_rng([q, 11]))
+    context, _ = _chunks(tokenizer, demo_names[-1], demo_cues, cue_at)
+    # The query's caption up to its name; each candidate's name part completes it.
+    query_text = ''.join(text for text, _ in _caption_parts('', query_cue, cue_at)[:-1])
     prompt = np.concatenate([context, [tokenizer.image_id], tokenizer.encode_text(query_text)])
     row_images = np.stack([queries.support_image(d) for d in demos[q]] + [queries.images[q]])
     for name in names:
-      answer = tokenizer.encode_text(f'{space}{name}.')
+      answer = tokenizer.encode_text(_caption_parts(name, query_cue, cue_at)[-1][0])
       ids.append(np.concatenate([prompt, answer]).astype(np.int32))
       weighted.append(np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
       images.append(row_images)
