@@ -60,9 +60,12 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
       repeat_prob=0.5,  # chunk j > 0 shows an earlier chunk's thing again (another drawing)
       repeat_last_only=False,  # only the last chunk may repeat (the others: distinct things)
+      same_drawing_prob=0.0,  # a repeat shows the earlier chunk's own drawing (an easy match)
       made_up_prob=0.0,  # a sequence's things get made-up names (learn to copy new names)
       cue_prob=0.0,  # a sequence's chunks get a cue digit per thing (says which repeats)
       cue_at='image',  # the cue after `<image>` or ('name') right before the name
+      cue_digits='per_sequence',  # or 'per_thing': a digit per thing, repeats uncued
+      cue_table='',  # per_thing digits: a JSON {name: digit} (experiments/flamingo_picture_cues.py)
       augment=True,
       worker_count=0,
   )

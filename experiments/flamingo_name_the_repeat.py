@@ -2,16 +2,20 @@ r"""Does a Flamingo checkpoint pick the right one of four earlier names for a re
 
 Held-out sequences in the training format (a seed the runs never used, no augmentation):
 five chunks of made-up names, the first four distinct things, the last a repeat of one of
-them in another drawing. The model scores the last chunk's name as each of the four earlier
-names (mean log-probability of '<name>.') and picks the best; chance is 0.25. `--cued`
-gives every thing a cue digit (`cue_at` as `data.cue_at`), so the text says which chunk the
-repeat shows: the test of a text-only LM stage's matching. Without cues only the pictures
-say it: the test of the `xattn` stage.
+them in another drawing (`--same_drawing`: the very same picture, the easy match that
+`data.same_drawing_prob` adds to training). The model scores the last chunk's name as each of
+the four earlier names (mean log-probability of '<name>.') and picks the best; chance is
+0.25. `--cued` gives every thing a cue digit (`cue_at` as `data.cue_at`), so the text says
+which chunk the repeat shows: the test of a text-only LM stage's matching. Without cues only
+the pictures say it: the test of the `xattn` stage. `--cued --cue_digits per_thing` is the
+format of `data.cue_digits='per_thing'` (digits from `--cue_table` as `data.cue_table`, else
+a hash of the name): the four carry their things' digits, the repeat none, so the
+cross-attention must supply the repeat's digit from its picture.
 
   python experiments/flamingo_name_the_repeat.py --workdir workdirs/flamingo_lm_cuename \
       --cued --cue_at name
   python experiments/flamingo_name_the_repeat.py --workdir workdirs/flamingo_cuename \
-      --override model.cross_attn_every=1
+      --override model.cross_attn_every=1 [--same_drawing]
 """
 
 import argparse
@@ -26,8 +30,10 @@ from mmjax import config_lib
 from mmjax import evaluate
 from mmjax import sharding
 from mmjax import tasks
+from mmjax.data import instruct
 from mmjax.data import interleaved
 from mmjax.evals.batching import BatchedApply
+from mmjax.tasks import flamingo
 
 CHUNKS = 5
 MAX_LEN = 192
@@ -41,6 +47,11 @@ def parse_args():
                       help='KEY=VALUE config overrides the run was trained with (shapes)')
   parser.add_argument('--cued', action='store_true', help='cue digits in the text')
   parser.add_argument('--cue_at', default='image', choices=interleaved.CUE_PLACES)
+  parser.add_argument('--cue_digits', default='per_sequence',
+                      choices=interleaved.CUE_DIGITS_KINDS)
+  parser.add_argument('--cue_table', default='', help="per_thing digits, as data.cue_table")
+  parser.add_argument('--same_drawing', action='store_true',
+                      help='the repeat is the same picture (else another drawing)')
   parser.add_argument('--num_sequences', type=int, default=256)
   parser.add_argument('--seed', type=int, default=12345)
   return parser.parse_args()
@@ -48,17 +59,22 @@ def parse_args():
 
 def repeat_rows(task, args):
   """(rows: the four candidate rows of each sequence, answers int [n]: the index of the
-  earlier chunk that the last one repeats)."""
+  earlier chunk that the last one repeats, own_cue bool [n]: per-thing cues only, whether
+  the answer's digit is its own among the four, not shared)."""
   tokenizer = task.tokenizer
   stream = interleaved.train_iterator(
       task.data_dir, tokenizer=tokenizer, images_per_sequence=CHUNKS, max_len=MAX_LEN,
       image_size=task.config.data.image_size, global_batch_size=64, seed=args.seed,
-      augment=False, repeat_prob=1.0, made_up_prob=1.0, repeat_last_only=True)
+      augment=False, repeat_prob=1.0, made_up_prob=1.0, repeat_last_only=True,
+      same_drawing_prob=1.0 if args.same_drawing else 0.0)
   cue_rng = np.random.default_rng(args.seed)
-  rows, answers = [], []
+  things = [x['name'] for x in instruct.split_texts('emoji', interleaved.TRAIN_SPLIT,
+                                                     task.data_dir)]
+  digit_of = flamingo.load_cue_table(args.cue_table)
+  rows, answers, own_cue = [], [], []
   while len(answers) < args.num_sequences:
     batch = next(stream)
-    for tokens, images in zip(batch['tokens'], batch['image']):
+    for tokens, images, ids in zip(batch['tokens'], batch['image'], batch['example_id']):
       starts = np.flatnonzero(tokens == tokenizer.image_id)
       texts = [tokenizer.decode(tokens[s + 1:]) for s in starts]  # each up to its EOC
       names = [text.removeprefix(interleaved.CAPTION_PREFIX + ' ')[:-1] for text in texts]
@@ -66,7 +82,12 @@ def repeat_rows(task, args):
       if len(set(earlier)) < CHUNKS - 1 or names[-1] not in earlier:
         continue  # a chance repeat among the first four
       answers.append(earlier.index(names[-1]))
-      cues = interleaved.with_cues(names, cue_rng) if args.cued else None
+      cues = None
+      if args.cued and args.cue_digits == 'per_thing':
+        cues = interleaved.thing_cues([things[i] for i in ids], digit_of)
+        own_cue.append(cues[:-1].count(cues[answers[-1]]) == 1)
+      elif args.cued:
+        cues = interleaved.with_cues(names, cue_rng)
       for candidate in earlier:
         row = interleaved.sequence(tokenizer, earlier + [candidate], MAX_LEN, cues,
                                    args.cue_at)
@@ -76,7 +97,8 @@ def repeat_rows(task, args):
         row['loss_weights'] = np.zeros_like(row['loss_weights'])
         row['loss_weights'][last] = 1.0
         rows.append(dict(row, image=images))
-  return rows[:4 * args.num_sequences], np.array(answers[:args.num_sequences])
+  n = args.num_sequences
+  return rows[:4 * n], np.array(answers[:n]), np.array(own_cue[:n], bool)
 
 
 def main():
@@ -95,13 +117,19 @@ def main():
     reader = checkpoint.CheckpointReader(os.path.join(args.workdir, 'checkpoints'))
     step = reader.resolve_step(None)
     params = reader.params(step, evaluate.abstract_params(task, mesh))
-    rows, answers = repeat_rows(task, args)
+    rows, answers, own_cue = repeat_rows(task, args)
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
     scores = BatchedApply(task.score_fn(mesh), mesh, 64)(params, batch).reshape(-1, 4)
   picked = scores.argmax(axis=1)
-  print(f'{args.workdir} step {step}, {"cued at " + args.cue_at if args.cued else "pictures only"}: '
+  shown = f'cued ({args.cue_digits}) at {args.cue_at}' if args.cued else 'pictures only'
+  drawing = 'the same drawing' if args.same_drawing else 'another drawing'
+  print(f'{args.workdir} step {step}, {shown}, repeat in {drawing}: '
         f'right one of 4 {np.mean(picked == answers):.3f} over {len(answers)} sequences; '
         f'picked position 1-4: {np.round(np.bincount(picked, minlength=4) / len(picked), 2)}')
+  if own_cue.size:
+    right = picked == answers
+    print(f'the answer has a digit of its own in {np.mean(own_cue):.2f} of them: right one '
+          f'{np.mean(right[own_cue]):.3f} there, {np.mean(right[~own_cue]):.3f} where shared')
 
 
 if __name__ == '__main__':

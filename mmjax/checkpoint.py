@@ -57,6 +57,10 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state']
 
+  def config(self, step: int) -> dict | None:
+    """The config saved with checkpoint `step` as a plain dict (None if saved without)."""
+    return _saved_config(self.manager, step)
+
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
     self.manager.wait_until_finished()
@@ -76,6 +80,13 @@ def _common_iterator_state(data_dir: str) -> dict:
     raise ValueError(f'{data_dir}: the data-iterator states of the processes that wrote it '
                      f'differ or are missing ({names}); cannot resume on another process count')
   return states[0]
+
+
+def _saved_config(manager, step: int) -> dict | None:
+  if not os.path.isdir(os.path.join(manager.directory, str(step), 'config')):
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return restored['config']
 
 
 def abstract_like(state, shardings):
@@ -113,10 +124,9 @@ class CheckpointReader:
                               f'steps there: {sorted(steps)}')
     return step
 
-  def config(self, step: int) -> dict:
-    """The config saved with the checkpoint, as a plain dict."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored['config']
+  def config(self, step: int) -> dict | None:
+    """The config saved with the checkpoint, as a plain dict (None if saved without)."""
+    return _saved_config(self.manager, step)
 
   def params(self, step: int, abstract_params):
     """Restores `state['params']` onto `abstract_params` (ShapeDtypeStructs with shardings)."""

@@ -47,6 +47,20 @@ def set_key(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
     node[leaf] = value
 
 
+def changes(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """'key: old -> new' for each dotted key whose value differs between two config dicts (a
+  key only one of them has shows as missing there), in key order."""
+  lines = []
+  for key in sorted(set(old) | set(new), key=str):
+    a, b = old.get(key, '<missing>'), new.get(key, '<missing>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += changes(a, b, f'{prefix}{key}.')
+    elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))
+                         and list(a) == list(b)):
+      lines.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return lines
+
+
 def data_dir(config) -> str:
   """`config.data.data_dir`, else `$MMJAX_DATA_DIR`, else `~/.cache/mmjax/datasets`."""
   return os.path.expanduser(

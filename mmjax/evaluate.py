@@ -78,7 +78,12 @@ def load_config(workdir: str, step: int | None, config=None):
     return config
   reader = checkpoint.CheckpointReader(os.path.join(workdir, 'checkpoints'))
   try:
-    return ml_collections.ConfigDict(reader.config(reader.resolve_step(step)))
+    step = reader.resolve_step(step)
+    saved = reader.config(step)
+    if saved is None:
+      raise FileNotFoundError(f'checkpoint {step} in {workdir} was saved without its config; '
+                              'pass --config')
+    return ml_collections.ConfigDict(saved)
   finally:
     reader.close()
 

@@ -248,6 +248,11 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
     else:
       state = checkpointer.restore(start, trainer.abstract_state, data)
       log(f'Resumed from step {start} in {workdir}', flush=True)
+      saved = checkpointer.config(start)
+      changed = config_lib.changes(saved, config.to_dict()) if saved is not None else []
+      if changed:  # e.g. a new total_steps re-stretches the learning-rate schedule from here
+        log(f'The config differs from the one step {start} was saved with: '
+            + '; '.join(changed), flush=True)
     writer.truncate_after(start)
     example_log = (ExampleIdLog(workdir, start) if config.record_example_ids else None)
     evaluators = trainer.task.evaluators(mesh)

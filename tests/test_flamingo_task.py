@@ -2,6 +2,7 @@
 train (LM and vision bitwise frozen), a sharded loss equal to one device, and the few-shot
 ranking evaluator."""
 
+import json
 import os
 
 import jax
@@ -16,6 +17,7 @@ from mmjax.data import instruct
 from mmjax.data import interleaved
 from mmjax.data import pipeline
 from mmjax.evals import fewshot
+from mmjax.tasks import flamingo as flamingo_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAMINGO_TINY = os.path.join(REPO, 'configs', 'flamingo.py') + ':tiny'
@@ -166,6 +168,26 @@ def test_only_the_last_chunk_repeats(data_dir):
   assert 0.3 < np.mean(last_repeats) < 0.7, np.mean(last_repeats)
 
 
+def test_repeats_in_the_same_drawing(data_dir):
+  names = ['cat', 'dog', 'cat', 'owl', 'dog', 'emu', 'owl']
+  by_name = interleaved.examples_by_name(names)
+  rng = np.random.default_rng(0)
+  last = lambda p: int(interleaved.with_repeats(
+      [0, 1, 3, 5], rng, names=names, by_name=by_name, repeat_prob=1.0, last_only=True,
+      same_drawing_prob=p)[3])
+  assert {last(1.0) for _ in range(20)} == {0, 1, 3}  # the earlier chunk's own drawing
+  mixed = [last(0.5) for _ in range(400)]
+  assert set(mixed) == {0, 1, 3, 2, 4, 6}
+  assert 0.4 < np.mean([i in (0, 1, 3) for i in mixed]) < 0.6
+
+  train_names = _train_names(data_dir)
+  ids = _first_batch(data_dir, global_batch_size=64, repeat_prob=1.0, repeat_last_only=True,
+                     same_drawing_prob=1.0)['example_id']
+  assert all(row[3] in row[:3] for row in ids)
+  with pytest.raises(ValueError, match='same_drawing_prob'):
+    _first_batch(data_dir, same_drawing_prob=1.5)
+
+
 def test_cues_say_which_chunks_show_one_thing(data_dir):
   cues = interleaved.with_cues(['cat', 'dog', 'cat', 'owl'], np.random.default_rng(0))
   assert cues[0] == cues[2] and len(set(cues)) == 3 and all(c.isdigit() for c in cues)
@@ -203,6 +225,53 @@ def test_cues_say_which_chunks_show_one_thing(data_dir):
     for i in range(4):  # one cue per thing
       for j in range(4):
         assert (chunk_cues[i] == chunk_cues[j]) == (train_names[ids[i]] == train_names[ids[j]])
+
+
+def test_per_thing_cues_leave_repeats_to_the_picture(data_dir):
+  cues = interleaved.thing_cues(['cat', 'dog', 'cat', 'owl', 'dog'])
+  assert cues[2] is None and cues[4] is None  # repeats: uncued
+  assert cues[:2] + cues[3:4] == interleaved.thing_cues(['cat', 'dog', 'owl'])  # per thing
+  assert all(c.isdigit() for c in cues[:2] + cues[3:4])
+
+  tokenizer = instruct.ByteLMTokenizer()
+  train_names = _train_names(data_dir)
+  batch = _first_batch(data_dir, global_batch_size=32, repeat_prob=0.5, made_up_prob=1.0,
+                       cue_prob=1.0, cue_at='name', cue_digits='per_thing')
+  digit_of = {}  # across sequences, a thing (by its real name) keeps its digit
+  for row, ids in zip(batch['tokens'], batch['example_id']):
+    captions = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1:]
+    for j, caption in enumerate(captions):
+      thing = train_names[ids[j]]
+      if thing in [train_names[i] for i in ids[:j]]:
+        assert not caption[0].isdigit(), caption  # a repeat: only its picture says which
+      else:
+        assert digit_of.setdefault(thing, caption[0]) == caption[0]
+  assert len(set(digit_of.values())) > 5
+  with pytest.raises(ValueError, match="cue_digits='per_name'"):
+    _first_batch(data_dir, cue_prob=1.0, cue_digits='per_name')
+
+  # A table of digits (data.cue_table: things that look alike share one) instead of the hash.
+  assert interleaved.thing_cues(['cat', 'dog', 'cat'], {'cat': '7', 'dog': '7'}) == [
+      '7', '7', None]
+  table = {name: str(len(name) % 10) for name in train_names}
+  batch = _first_batch(data_dir, repeat_prob=0.5, cue_prob=1.0, cue_at='name',
+                       cue_digits='per_thing', thing_digits=table)
+  for row, ids in zip(batch['tokens'], batch['example_id']):
+    caption = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1]
+    assert caption[0] == table[train_names[ids[0]]]
+  del table[train_names[0]]
+  with pytest.raises(ValueError, match='thing_digits has no digit for 1 train names'):
+    _first_batch(data_dir, cue_prob=1.0, cue_digits='per_thing', thing_digits=table)
+
+
+def test_cue_table_must_hold_digits(tmp_path):
+  path = tmp_path / 'cues.json'
+  path.write_text(json.dumps({'cat': '3', 'dog': '3'}))
+  assert flamingo_task.load_cue_table(str(path)) == {'cat': '3', 'dog': '3'}
+  assert flamingo_task.load_cue_table('') is None
+  path.write_text(json.dumps({'cat': '3', 'dog': 12}))
+  with pytest.raises(ValueError, match="1 values are not one digit, e.g. \\[\\('dog', 12\\)"):
+    flamingo_task.load_cue_table(str(path))
 
 
 def test_cued_fewshot_rows_cue_the_answer(data_dir):

@@ -1,5 +1,6 @@
 """The training stack: mesh parity, config errors, exact resume, and real learning."""
 
+import json
 import os
 import signal
 import subprocess
@@ -144,7 +145,8 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path, capsys):
 
   capsys.readouterr()
   resumed, _ = train.run(config, str(interrupted))
-  assert f'Resumed from step {stopped_at} ' in capsys.readouterr().out
+  output = capsys.readouterr().out
+  assert f'Resumed from step {stopped_at} ' in output and 'config differs' not in output
   straight, _ = train.run(config, str(tmp_path / 'straight'))
   assert int(resumed['step']) == int(straight['step']) == steps
   for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
@@ -152,6 +154,17 @@ def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path, capsys):
   ids_straight = train.read_example_ids(str(tmp_path / 'straight'))
   assert len(ids_straight) == steps
   assert train.read_example_ids(str(interrupted)) == ids_straight
+
+
+def test_config_changes_name_what_a_resume_changes():
+  saved = json.loads(json.dumps(config_lib.load(TINY).to_dict()))  # as a checkpoint holds it
+  assert config_lib.changes(saved, config_lib.load(TINY).to_dict()) == []  # lists == tuples
+  new = config_lib.load(TINY, {'total_steps': 7, 'schedule.warmup_steps': 3})
+  assert config_lib.changes(saved, new.to_dict()) == [
+      f'schedule.warmup_steps: {saved["schedule"]["warmup_steps"]!r} -> 3',
+      f'total_steps: {saved["total_steps"]!r} -> 7']
+  del saved['seed']
+  assert f"seed: '<missing>' -> {new.seed!r}" in config_lib.changes(saved, new.to_dict())
 
 
 def test_tiny_clip_learns_zero_shot_digits(tiny_clip_run):

@@ -42,6 +42,7 @@ position in the stream), host p of P gets the p-th contiguous block of each glob
 
 import dataclasses
 import functools
+import zlib
 from typing import Callable
 
 import grain
@@ -125,11 +126,12 @@ def examples_by_name(names) -> dict[str, np.ndarray]:
 
 
 def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
-                 last_only: bool = False) -> np.ndarray:
+                 last_only: bool = False, same_drawing_prob: float = 0.0) -> np.ndarray:
   """`indices [K]` with each chunk j > 0 (only the last with `last_only`) replaced, with
   probability `repeat_prob`, by another example of the name of a uniformly chosen earlier
   chunk (a drawing not used yet in the sequence if the name has one, else the same example
-  again).
+  again); with probability `same_drawing_prob` a repeat is the earlier chunk's own example
+  (the same drawing, an easy match: a curriculum for the cross-attention).
 
   With `last_only` the K - 1 chunks before the last are (nearly always) distinct things, as
   the demonstrations of a few-shot prompt, so naming a repeat asks which of them it shows;
@@ -137,7 +139,11 @@ def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
   indices = np.array(indices)
   for j in range(len(indices) - 1 if last_only else 1, len(indices)):
     if rng.random() < repeat_prob:
-      same = by_name[names[int(indices[rng.integers(j)])]]
+      earlier = indices[rng.integers(j)]
+      if same_drawing_prob and rng.random() < same_drawing_prob:  # no draw when 0
+        indices[j] = earlier
+        continue
+      same = by_name[names[int(earlier)]]
       unused = np.setdiff1d(same, indices[:j])
       indices[j] = rng.choice(unused if len(unused) else same)
   return indices
@@ -186,21 +192,51 @@ def with_cues(chunk_names, rng) -> list[str]:
   return [str(cue[name]) for name in chunk_names]
 
 
+def thing_cues(chunk_names, digit_of: dict[str, str] | None = None) -> list:
+  """A cue per chunk that is a function of its thing alone, the same in every sequence, so
+  the picture says it: `digit_of[name]` (e.g. the thing's cluster of pictures, see
+  `experiments/flamingo_picture_cues.py`), else a hash of the name; and none (None) on a
+  chunk that repeats an earlier thing: there only the picture can say which earlier chunk it
+  shows.
+
+  The cue of `cue_digits='per_thing'`: a curriculum for the `xattn` stage over an LM that
+  matches by cue. Naming a repeat then asks the cross-attention for the cue of the thing in
+  its own picture, where with per-sequence cues (`with_cues`) and in the plain format the
+  match depends on what the cross-attention makes of the other chunks' pictures too."""
+  cues, seen = [], set()
+  for name in chunk_names:
+    if name in seen:
+      cues.append(None)
+    elif digit_of is not None:
+      cues.append(digit_of[name])
+    else:
+      cues.append(_CUE_DIGITS[zlib.crc32(name.encode()) % 10])
+    seen.add(name)
+  return cues
+
+
+CUE_DIGITS_KINDS = ('per_sequence', 'per_thing')
+
+
 def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
                    augment, repeat_prob, made_up_prob, cue_prob=0.0, cue_at='image',
-                   repeat_last_only=False):
+                   cue_digits='per_sequence', thing_digits=None, repeat_last_only=False,
+                   same_drawing_prob=0.0):
   """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
   `with_repeats`; with probability `made_up_prob` every name made up, see
-  `with_made_up_names`; with probability `cue_prob` cued at `cue_at`, see `with_cues` and
-  `_chunks`), images randomised by `rng`."""
+  `with_made_up_names`; with probability `cue_prob` cued at `cue_at` by `cue_digits`, see
+  `with_cues`, `thing_cues` and `_chunks`), images randomised by `rng`."""
   indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob,
-                         last_only=repeat_last_only)
+                         last_only=repeat_last_only, same_drawing_prob=same_drawing_prob)
   images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
                                      rng if augment else None) for i in indices])
-  chunk_names = [names[int(i)] for i in indices]
+  thing_names = chunk_names = [names[int(i)] for i in indices]
   if made_up_prob and rng.random() < made_up_prob:  # no draw when 0: streams stay as before
     chunk_names = with_made_up_names(chunk_names, rng)
-  cues = with_cues(chunk_names, rng) if cue_prob and rng.random() < cue_prob else None
+  cues = None
+  if cue_prob and rng.random() < cue_prob:
+    cues = (with_cues(chunk_names, rng) if cue_digits == 'per_sequence'
+            else thing_cues(thing_names, thing_digits))
   return dict(sequence(tokenizer, chunk_names, max_len, cues, cue_at), image=images,
               example_id=np.asarray(indices, np.int32))
 
@@ -209,7 +245,9 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True,
                    repeat_prob: float = 0.0, made_up_prob: float = 0.0, cue_prob: float = 0.0,
-                   cue_at: str = 'image', repeat_last_only: bool = False):
+                   cue_at: str = 'image', cue_digits: str = 'per_sequence',
+                   thing_digits: dict[str, str] | None = None, repeat_last_only: bool = False,
+                   same_drawing_prob: float = 0.0):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
   The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
@@ -219,29 +257,39 @@ def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_le
   example_id int32 [b, K] (indices in the emoji train split). The K examples of a sequence
   are consecutive elements of an endlessly reshuffled stream of the split, some replaced by
   repeats of earlier chunks' names (`repeat_prob`; only the last chunk with
-  `repeat_last_only`, see `with_repeats`). A fraction
+  `repeat_last_only`; in the repeated chunk's own drawing with `same_drawing_prob`, see
+  `with_repeats`). A fraction
   `made_up_prob` of the sequences name their things by made-up names (`with_made_up_names`):
   a model cannot have memorised those, so it can name a repeat only by matching its picture
   to the earlier one and copying the name from the context, the skill few-shot prompting with
   new names (`names='unseen'` below) asks for. A fraction `cue_prob` of the sequences carry
   a cue digit per thing after each `<image>` or, `cue_at='name'`, before each name
   (`with_cues`, `_chunks`): the text then says which earlier chunk a repeat shows (for the
-  LM stage; the few-shot prompts have no cues).
+  LM stage; the few-shot prompts have no cues). `cue_digits='per_thing'` makes each digit a
+  function of the thing (`thing_digits`, else a hash of its name) and leaves repeats uncued
+  (`thing_cues`: for the `xattn` stage).
   """
   _check_cue_place(cue_at)
+  if cue_digits not in CUE_DIGITS_KINDS:
+    raise ValueError(f'cue_digits={cue_digits!r}: use one of {CUE_DIGITS_KINDS}')
   for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob),
-                  ('cue_prob', cue_prob)):
+                  ('cue_prob', cue_prob), ('same_drawing_prob', same_drawing_prob)):
     if not 0.0 <= p <= 1.0:
       raise ValueError(f'{name}={p} is not in [0, 1]')
   source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
   names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
+  if thing_digits is not None and set(names) - set(thing_digits):
+    missing = sorted(set(names) - set(thing_digits))
+    raise ValueError(f'thing_digits has no digit for {len(missing)} train names, e.g. '
+                     f'{missing[:3]}')
   shuffle_seed, map_seed = np.random.SeedSequence([seed, 7]).generate_state(2)
   example = functools.partial(_train_example, source=source, names=names,
                               by_name=examples_by_name(names), tokenizer=tokenizer,
                               image_size=image_size, max_len=max_len, augment=augment,
                               repeat_prob=repeat_prob, made_up_prob=made_up_prob,
-                              cue_prob=cue_prob, cue_at=cue_at,
-                              repeat_last_only=repeat_last_only)
+                              cue_prob=cue_prob, cue_at=cue_at, cue_digits=cue_digits,
+                              thing_digits=thing_digits, repeat_last_only=repeat_last_only,
+                              same_drawing_prob=same_drawing_prob)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))

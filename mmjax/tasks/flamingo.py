@@ -16,6 +16,9 @@ Params: `{'vision_tower', 'resampler', 'media_projection' (if widths differ), 'l
 as LLaVA's. Evaluation: few-shot ranking of candidate names (`mmjax.evals.fewshot`).
 """
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -166,8 +169,10 @@ class FlamingoTask(Task):
         process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob,
         made_up_prob=data.get('made_up_prob', 0.0), cue_prob=data.get('cue_prob', 0.0),
-        cue_at=data.get('cue_at', 'image'),
-        repeat_last_only=data.get('repeat_last_only', False))
+        cue_at=data.get('cue_at', 'image'), cue_digits=data.get('cue_digits', 'per_sequence'),
+        thing_digits=load_cue_table(data.get('cue_table', '')),
+        repeat_last_only=data.get('repeat_last_only', False),
+        same_drawing_prob=data.get('same_drawing_prob', 0.0))
 
   def evaluators(self, mesh):
     return evals.build(self.config.evals, self, mesh)
@@ -175,3 +180,17 @@ class FlamingoTask(Task):
   def pretrained_params(self):
     """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""
     return pretrained.init_parts(self.config.init, self.config.model.vision)
+
+
+def load_cue_table(cue_table: str) -> dict[str, str] | None:
+  """`data.cue_table`: '' (per-thing cues hash the name) or a JSON file {name: digit}."""
+  if not cue_table:
+    return None
+  with open(os.path.expanduser(cue_table)) as f:
+    table = json.load(f)
+  bad = {name: digit for name, digit in table.items()
+         if not (isinstance(digit, str) and len(digit) == 1 and digit.isdigit())}
+  if bad:
+    raise ValueError(f'data.cue_table={cue_table}: {len(bad)} values are not one digit, e.g. '
+                     f'{list(bad.items())[:3]}')
+  return table
