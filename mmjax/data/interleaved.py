@@ -131,7 +131,7 @@ def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
   probability `repeat_prob`, by another example of the name of a uniformly chosen earlier
   chunk (a drawing not used yet in the sequence if the name has one, else the same example
   again); with probability `same_drawing_prob` a repeat is the earlier chunk's own example
-  (the same drawing, an easy match: a curriculum for the cross-attention).
+  (the same drawing: the easiest match there is, a curriculum for the cross-attention).
 
   With `last_only` the K - 1 chunks before the last are (nearly always) distinct things, as
   the demonstrations of a few-shot prompt, so naming a repeat asks which of them it shows;
