@@ -13,13 +13,10 @@ picture: it can tell the LM that an image is there, not which.
 """
 
 import argparse
-import ast
-import os
 
 import jax
 import numpy as np
 
-from mmjax import checkpoint
 from mmjax import config_lib
 from mmjax import evaluate
 from mmjax import sharding
@@ -41,20 +38,11 @@ def parse_args():
 
 def main():
   args = parse_args()
-  overrides = {}
-  for item in args.override:
-    key, value = item.split('=', 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-  config = config_lib.load(args.config, overrides)
+  config = config_lib.load(args.config, config_lib.parse_overrides(args.override))
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   with sharding.activate(mesh):
     task = tasks.get_task(config)
-    reader = checkpoint.CheckpointReader(os.path.join(args.workdir, 'checkpoints'))
-    step = reader.resolve_step(None)
-    params = reader.params(step, evaluate.abstract_params(task, mesh))
+    step, params = evaluate.restore_params(args.workdir, task, mesh)
     source = instruct.split_source('emoji', interleaved.TRAIN_SPLIT, task.data_dir)
     images = np.stack([instruct.prepare_image(source[i]['image'], 'emoji',
                                               config.data.image_size)

@@ -19,13 +19,10 @@ cross-attention must supply the repeat's digit from its picture.
 """
 
 import argparse
-import ast
-import os
 
 import jax
 import numpy as np
 
-from mmjax import checkpoint
 from mmjax import config_lib
 from mmjax import evaluate
 from mmjax import sharding
@@ -103,20 +100,11 @@ def repeat_rows(task, args):
 
 def main():
   args = parse_args()
-  overrides = {}
-  for item in args.override:
-    key, value = item.split('=', 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
-  config = config_lib.load(args.config, overrides)
+  config = config_lib.load(args.config, config_lib.parse_overrides(args.override))
   mesh = sharding.make_mesh(config.mesh, jax.devices())
   with sharding.activate(mesh):
     task = tasks.get_task(config)
-    reader = checkpoint.CheckpointReader(os.path.join(args.workdir, 'checkpoints'))
-    step = reader.resolve_step(None)
-    params = reader.params(step, evaluate.abstract_params(task, mesh))
+    step, params = evaluate.restore_params(args.workdir, task, mesh)
     rows, answers, own_cue = repeat_rows(task, args)
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
     scores = BatchedApply(task.score_fn(mesh), mesh, 64)(params, batch).reshape(-1, 4)

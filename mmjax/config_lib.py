@@ -1,5 +1,6 @@
 """Loading experiment configs and rejecting impossible ones before anything compiles."""
 
+import ast
 import importlib.util
 import os
 
@@ -45,6 +46,21 @@ def set_key(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
       node = node[part]
   with config.unlocked():
     node[leaf] = value
+
+
+def parse_overrides(items) -> dict:
+  """`['model.cross_attn_every=1', 'data.cue_at=name']` -> {dotted key: value}, each value a
+  Python literal where it parses as one (1, 0.5, True, (0, 1)), else the string."""
+  overrides = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r} is not KEY=VALUE')
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
 
 
 def changes(old: dict, new: dict, prefix: str = '') -> list[str]:

@@ -88,6 +88,16 @@ def load_config(workdir: str, step: int | None, config=None):
     reader.close()
 
 
+def restore_params(workdir: str, task, mesh, step: int | None = None):
+  """`(step, params)` of `workdir`'s checkpoint at `step` (default newest), placed for `mesh`."""
+  reader = checkpoint.CheckpointReader(os.path.join(workdir, 'checkpoints'))
+  try:
+    step = reader.resolve_step(step)
+    return step, reader.params(step, abstract_params(task, mesh))
+  finally:
+    reader.close()
+
+
 def run(workdir: str, *, config=None, step: int | None = None, devices=None, params=None):
   """Evaluates the checkpoint at `step` (default newest) of `workdir` on `devices`.
 
@@ -103,16 +113,12 @@ def run(workdir: str, *, config=None, step: int | None = None, devices=None, par
   is_chief = distributed.is_chief()
   with sharding.activate(mesh):
     task = tasks.get_task(config)
-    target = abstract_params(task, mesh)
     if params is None:
-      reader = checkpoint.CheckpointReader(os.path.join(workdir, 'checkpoints'))
-      step = reader.resolve_step(step)
-      params = reader.params(step, target)
-      reader.close()
+      step, params = restore_params(workdir, task, mesh, step)
     else:
       step = step or 0
       params = jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), nn.unbox(params),
-                            target)
+                            abstract_params(task, mesh))
     evaluators = task.evaluators(mesh)
     metrics = evaluate(evaluators, params)
 

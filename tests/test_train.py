@@ -167,6 +167,15 @@ def test_config_changes_name_what_a_resume_changes():
   assert f"seed: '<missing>' -> {new.seed!r}" in config_lib.changes(saved, new.to_dict())
 
 
+def test_overrides_parse_as_literals_else_strings():
+  assert config_lib.parse_overrides(['model.cross_attn_every=1', 'data.cue_at=name',
+                                     'lr=1e-3', 'evals.x.shots=(0, 4)', 'a=b=c']) == {
+      'model.cross_attn_every': 1, 'data.cue_at': 'name', 'lr': 1e-3,
+      'evals.x.shots': (0, 4), 'a': 'b=c'}
+  with pytest.raises(ValueError, match="'total_steps' is not KEY=VALUE"):
+    config_lib.parse_overrides(['total_steps'])
+
+
 def test_tiny_clip_learns_zero_shot_digits(tiny_clip_run):
   config, workdir = tiny_clip_run.config, tiny_clip_run.workdir
   assert tiny_clip_run.step == config.total_steps
