@@ -18,7 +18,9 @@ candidates' drawings by the frozen vision tower's similarity to the query (`fews
 RICES, as Flamingo's few-shot classification); `fewshot_unseen`, `fewshot_retrieved_unseen`:
 the same for names never trained on, known only from the demonstrations;
 `fewshot_cued_unseen`: 4 shots of new names whose text says which demonstration shows the
-answer (cue digits, the format of `data.cue_prob`), a diagnostic of the LM's copying.
+answer (cue digits, the format of `data.cue_prob`), a diagnostic of the LM's copying;
+`fewshot_generated(_unseen)`: open-ended, the name the model writes (greedy, KV cache) after
+retrieved demonstrations must be the answer exactly.
 
   # a CLIP of ours gives the vision tower; the LM learns the interleaved text first
   python -m mmjax.train --config configs/clip.py:small --workdir workdirs/clip_small
@@ -89,8 +91,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   )
   # Pretrained parts loaded into fresh params (not on resume); '' = none. Each is a workdir
   # of ours (the newest checkpoint): vision_from a CLIP run (its image tower), lm_from a
-  # LLaVA text_only run or a Flamingo run (its LM), params_from a Flamingo run (everything).
-  config.init = dict(vision_from='', lm_from='', params_from='')
+  # LLaVA text_only run or a Flamingo run (its LM), params_from a Flamingo run (everything,
+  # or the top-level parts that params_parts names, e.g. 'resampler').
+  config.init = dict(vision_from='', lm_from='', params_from='', params_parts='')
   config.loss = dict(z_loss=0.0)
 
   config.batch_size = 8
@@ -126,7 +129,13 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       # Diagnostic: cue digits in the text say which demonstration shows the answer (the
       # `cue_prob` format), so a model that copies the right one scores without pictures.
       fewshot_cued_unseen=dict(fewshot, shots=(4,), names='unseen', cued=True),
+      # Open-ended: the name the model writes after the prompt must be the answer exactly.
+      fewshot_generated=dict(fewshot, demonstrations='retrieved', mode='generate'),
+      fewshot_generated_unseen=dict(fewshot, demonstrations='retrieved', names='unseen',
+                                    mode='generate'),
   )
+  # Greedy captions of `mode='generate'` evals: ' <name>.' and the end of chunk.
+  config.generation = dict(max_new_tokens=48)
 
   if variant == 'tiny':
     for evaluator in config.evals.values():

@@ -76,8 +76,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   )
   # Pretrained parts loaded into fresh params (not on resume); '' = none. Each is a workdir
   # of ours (the newest checkpoint): vision_from a CLIP run (its image tower), lm_from a
-  # text_only run (its LM), params_from a LLaVA run (everything, e.g. stage 1 -> stage 2).
-  config.init = dict(vision_from='', lm_from='', params_from='')
+  # text_only run (its LM), params_from a LLaVA run (everything, e.g. stage 1 -> stage 2,
+  # or the top-level parts that params_parts names, e.g. 'projector').
+  config.init = dict(vision_from='', lm_from='', params_from='', params_parts='')
   config.loss = dict(z_loss=0.0)  # weight of mean(logsumexp(logits)**2) (PaLM, Chameleon)
   config.generation = dict(max_new_tokens=48)  # greedy answers in evaluation
 

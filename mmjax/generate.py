@@ -7,6 +7,9 @@ does with left padding), so padding changes no logit. `generate` prefills the pr
 call that writes the cache, then runs one-token decode steps in a `lax.while_loop` that ends
 when every row has emitted a stop token or `max_new_tokens` are out. `generate_without_cache`
 recomputes the whole sequence at every step: the reference that `generate` must match.
+Both also run a `Flamingo` (`mmjax.models.flamingo`) on token prompts and its `media`: the
+decode steps carry each row's count of `<image>` tokens so far, so that a new token reads
+the row's latest image.
 
 Both are jit-compiled with the model and the sampling settings static. Called inside
 `mmjax.sharding.activate(mesh)` with sharded params and inputs, the model's logical
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 
 from mmjax import sharding
 from mmjax.models import decoder
+from mmjax.models import flamingo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +84,18 @@ def sample(logits, rng, sampling: Sampling):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng, sampling):
+def _check_inputs(lm, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens, rng,
+                  sampling):
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
   if (prompt_tokens is None) == (prompt_embeddings is None):
     raise ValueError('pass exactly one of prompt_tokens and prompt_embeddings')
+  is_flamingo = isinstance(lm, flamingo.Flamingo)
+  if is_flamingo != (media is not None):
+    raise ValueError(f'a Flamingo reads media and a DecoderLM none: got {type(lm).__name__} '
+                     f'with media={None if media is None else media.shape}')
+  if is_flamingo and prompt_embeddings is not None:
+    raise ValueError('a Flamingo takes prompt_tokens, not prompt_embeddings')
   prompt = prompt_tokens if prompt_embeddings is None else prompt_embeddings
   if prompt.shape[:2] != prompt_mask.shape:
     raise ValueError(f'prompt shape {prompt.shape} does not start with prompt_mask shape '
@@ -134,6 +145,24 @@ def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, samp
   return dict(tokens=tokens, lengths=lengths)
 
 
+def _apply(lm, params, tokens, embeddings, media, *, positions, kv_mask, cache=None,
+           cache_index=None, images_before=None):
+  """(logits, updated cache or None) of `lm`: a `DecoderLM`, or a `Flamingo` reading `media`."""
+  if media is None:
+    return lm.apply(params, tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask,
+                    cache=cache, cache_index=cache_index)
+  if cache is None:
+    return lm.apply(params, tokens, media, positions=positions, kv_mask=kv_mask), None
+  return lm.apply(params, tokens, media, positions=positions, kv_mask=kv_mask, cache=cache,
+                  cache_index=cache_index, images_before=images_before, method=lm.decode)
+
+
+def _init_cache(lm, batch: int, max_len: int) -> dict:
+  if isinstance(lm, flamingo.Flamingo):
+    return flamingo.init_cache(lm, batch, max_len)
+  return decoder.init_cache(lm, batch, max_len)
+
+
 def _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask):
   """The prompt with token 0 / zero embeddings in its padding.
 
@@ -155,32 +184,42 @@ def _slots(prompt_mask, max_new_tokens):
 
 @functools.partial(
     jax.jit, static_argnames=('lm', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
-def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, rng, *, lm,
-                         max_new_tokens, sampling, stop_tokens, pad_id):
+def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, media, rng, *,
+                         lm, max_new_tokens, sampling, stop_tokens, pad_id):
   batch, prompt_length = prompt_mask.shape
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
-  cache = decoder.init_cache(lm, batch, prompt_length + max_new_tokens)
-  logits, cache = lm.apply(
-      params, prompt_tokens, embeddings=prompt_embeddings, positions=positions[:, :prompt_length],
-      kv_mask=kv_mask, cache=cache, cache_index=0)
+  cache = _init_cache(lm, batch, prompt_length + max_new_tokens)
 
-  def next_logits(cache, last_tokens, step):
+  def count_images(tokens):
+    """`[batch, l]` -> `[batch]` int32: a Flamingo's `<image>` tokens (a DecoderLM has none),
+    so that each new token reads the latest image of its row."""
+    if media is None:
+      return jnp.zeros(batch, jnp.int32)
+    return jnp.sum(tokens == lm.media_token_id, axis=1, dtype=jnp.int32)
+
+  logits, cache = _apply(lm, params, prompt_tokens, prompt_embeddings, media,
+                         positions=positions[:, :prompt_length], kv_mask=kv_mask, cache=cache,
+                         cache_index=0, images_before=jnp.zeros(batch, jnp.int32))
+  images = count_images(prompt_tokens)
+
+  def next_logits(state, last_tokens, step):
+    cache, images = state
     slot = prompt_length + step - 1
-    logits, cache = lm.apply(
-        params, last_tokens[:, None],
-        positions=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
-        kv_mask=kv_mask, cache=cache, cache_index=slot)
-    return logits[:, 0], cache
+    logits, cache = _apply(lm, params, last_tokens[:, None], None, media,
+                           positions=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
+                           kv_mask=kv_mask, cache=cache, cache_index=slot, images_before=images)
+    return logits[:, 0], (cache, images + count_images(last_tokens[:, None]))
 
-  return _decode(logits[:, -1], next_logits, cache, rng=rng, max_new_tokens=max_new_tokens,
-                 sampling=sampling, stop_tokens=stop_tokens, pad_id=pad_id)
+  return _decode(logits[:, -1], next_logits, (cache, images), rng=rng,
+                 max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+                 pad_id=pad_id)
 
 
 @functools.partial(
     jax.jit, static_argnames=('lm', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
-def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, rng, *, lm,
-                            max_new_tokens, sampling, stop_tokens, pad_id):
+def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, media, rng, *,
+                            lm, max_new_tokens, sampling, stop_tokens, pad_id):
   prompt_length = prompt_mask.shape[1]
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
@@ -189,8 +228,9 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
   sequence = jnp.pad(prompt, [(0, 0), (0, max_new_tokens)] + [(0, 0)] * (prompt.ndim - 2))
 
   def logits_at(sequence, slot):
-    inputs = dict(tokens=sequence) if as_tokens else dict(embeddings=sequence)
-    logits, _ = lm.apply(params, **inputs, positions=positions, kv_mask=kv_mask)
+    tokens, embeddings = (sequence, None) if as_tokens else (None, sequence)
+    logits, _ = _apply(lm, params, tokens, embeddings, media, positions=positions,
+                       kv_mask=kv_mask)
     return jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
 
   def next_logits(sequence, last_tokens, step):
@@ -206,22 +246,22 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
                  pad_id=pad_id)
 
 
-def _call(impl, lm, params, prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng,
-          sampling, stop_tokens, pad_id):
-  rng = _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng,
-                      sampling)
-  return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask, rng,
-              lm=lm, max_new_tokens=int(max_new_tokens), sampling=sampling,
+def _call(impl, lm, params, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens,
+          rng, sampling, stop_tokens, pad_id):
+  rng = _check_inputs(lm, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens,
+                      rng, sampling)
+  return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask, media,
+              rng, lm=lm, max_new_tokens=int(max_new_tokens), sampling=sampling,
               stop_tokens=tuple(int(token) for token in stop_tokens), pad_id=int(pad_id))
 
 
 def generate(lm: nn.Module, params, *, prompt_tokens=None, prompt_embeddings=None, prompt_mask,
              max_new_tokens: int, rng=None, sampling: Sampling = Sampling(), stop_tokens=(),
-             pad_id: int = 0) -> dict[str, jax.Array]:
+             pad_id: int = 0, media=None) -> dict[str, jax.Array]:
   """Continues left-padded prompts by up to `max_new_tokens` tokens, with a KV cache.
 
   Args:
-    lm: a `DecoderLM`.
+    lm: a `DecoderLM`, or a `Flamingo` (with `prompt_tokens` and `media`).
     params: its variables (`{'params': ...}`), boxed with logical axis names or not.
     prompt_tokens: `[batch, prompt]` int token ids, or
     prompt_embeddings: `[batch, prompt, width]` inputs to the decoder stack (e.g. text
@@ -232,19 +272,21 @@ def generate(lm: nn.Module, params, *, prompt_tokens=None, prompt_embeddings=Non
     sampling: `Sampling` settings.
     stop_tokens: token ids that end a row; the stop token is part of the row's output.
     pad_id: written to the slots after a row has stopped.
+    media: a Flamingo's `[batch, images, latents, width]` (the resampled images); a
+      row's i-th `<image>` token, in the prompt or generated, starts the text of image i.
 
   Returns:
     `tokens [batch, max_new_tokens]` int32 and `lengths [batch]` int32, the number of
     tokens each row emitted (stop token included); `tokens[i, lengths[i]:] == pad_id`.
   """
   return _call(_generate_with_cache, lm, params, prompt_tokens, prompt_embeddings, prompt_mask,
-               max_new_tokens, rng, sampling, stop_tokens, pad_id)
+               media, max_new_tokens, rng, sampling, stop_tokens, pad_id)
 
 
 def generate_without_cache(lm: nn.Module, params, *, prompt_tokens=None, prompt_embeddings=None,
                            prompt_mask, max_new_tokens: int, rng=None,
-                           sampling: Sampling = Sampling(), stop_tokens=(),
-                           pad_id: int = 0) -> dict[str, jax.Array]:
+                           sampling: Sampling = Sampling(), stop_tokens=(), pad_id: int = 0,
+                           media=None) -> dict[str, jax.Array]:
   """`generate` without a cache: every step runs the model over the whole sequence."""
   return _call(_generate_without_cache, lm, params, prompt_tokens, prompt_embeddings,
-               prompt_mask, max_new_tokens, rng, sampling, stop_tokens, pad_id)
+               prompt_mask, media, max_new_tokens, rng, sampling, stop_tokens, pad_id)

@@ -1,5 +1,6 @@
 """Flamingo: gates at 0 give the LM exactly, the media mask, exact zeros before the first
-image, gradients into the gated blocks, and the `lm` param tree in both decoder layouts."""
+image, gradients into the gated blocks, the `lm` param tree in both decoder layouts, and
+generation with a KV cache."""
 
 import functools
 
@@ -10,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mmjax import generate as gen
 from mmjax import train
 from mmjax.models import flamingo
 from mmjax.models.decoder import DecoderLM
@@ -171,3 +173,69 @@ def test_unscanned_language_model_layout_gives_the_same_logits():
   with pytest.raises(ValueError, match='cross_attn_every=3 does not divide'):
     flamingo.Flamingo(LM, IMAGE, cross_attn_every=3).init(jax.random.key(0), _tokens(),
                                                           _media(0))
+
+
+def test_decoding_with_a_cache_gives_the_logits_of_the_whole_sequence():
+  """Prefill 5 tokens, then one token per call: the `<image>` tokens of rows 0 (slot 7) and
+  1 (slot 9) come during decoding, so the running image count decides what later tokens see."""
+  model, params = _model(), _open_gates(_initial_params())
+  tokens, media = _tokens(), _media(0)
+  want = np.asarray(_forward()(params, tokens, media))
+  decode = jax.jit(functools.partial(model.apply, method=model.decode))
+  cache = flamingo.init_cache(model, len(IMAGE_AT), LENGTH)
+  prefill = 5
+  logits, cache = decode({'params': params}, tokens[:, :prefill], media, cache=cache,
+                         cache_index=0, images_before=jnp.zeros(len(IMAGE_AT), jnp.int32))
+  got = [logits]
+  for slot in range(prefill, LENGTH):
+    images_before = jnp.sum(tokens[:, :slot] == IMAGE, axis=1)
+    logits, cache = decode({'params': params}, tokens[:, slot:slot + 1], media, cache=cache,
+                           cache_index=slot, images_before=images_before)
+    got.append(logits)
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+
+
+def _prompts():
+  """Left-padded prompts: row 0 three padding slots (token 7, which must change nothing)
+  and 9 tokens from its first `<image>` on, row 1 all 12 tokens."""
+  tokens = np.array(_tokens())
+  mask = np.ones_like(tokens, bool)
+  mask[0, :3] = False
+  tokens[0, :3] = 7
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _generate(cached, params, sampling=gen.Sampling()):
+  """8 new tokens after `_prompts()`."""
+  tokens, mask = _prompts()
+  fn = gen.generate if cached else gen.generate_without_cache
+  out = fn(_model(), {'params': params}, prompt_tokens=tokens, prompt_mask=mask, media=_media(0),
+           max_new_tokens=8, rng=jax.random.key(3), sampling=sampling)
+  return np.asarray(out['tokens'])
+
+
+@pytest.mark.parametrize('sampling', [gen.Sampling(), gen.Sampling(temperature=1.0)],
+                         ids=['greedy', 'sampled'])
+def test_generation_with_a_cache_matches_recomputing_the_sequence(sampling):
+  params = _open_gates(_initial_params())
+  with_cache = _generate(True, params, sampling)
+  np.testing.assert_array_equal(with_cache, _generate(False, params, sampling))
+  assert len(np.unique(with_cache)) > 4  # not a degenerate repeat
+
+
+def test_generation_at_init_is_the_language_models():
+  params = _initial_params()
+  tokens, mask = _prompts()
+  want = gen.generate(DecoderLM(**LM), {'params': params['lm']}, prompt_tokens=tokens,
+                      prompt_mask=mask, max_new_tokens=8)['tokens']
+  np.testing.assert_array_equal(_generate(True, params), np.asarray(want))
+
+
+def test_generation_needs_media_exactly_for_a_flamingo():
+  tokens, mask = _tokens(), jnp.ones(_tokens().shape, bool)
+  with pytest.raises(ValueError, match='a Flamingo reads media'):
+    gen.generate(_model(), {'params': _initial_params()}, prompt_tokens=tokens, prompt_mask=mask,
+                 max_new_tokens=2)
+  with pytest.raises(ValueError, match='a Flamingo reads media'):
+    gen.generate(DecoderLM(**LM), {'params': _initial_params()['lm']}, prompt_tokens=tokens,
+                 prompt_mask=mask, media=_media(0), max_new_tokens=2)

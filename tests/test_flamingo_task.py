@@ -435,6 +435,71 @@ def test_fewshot_counts_which_demonstration_is_named():
   assert metrics['2shot/picked_last_shown'] == pytest.approx(1 / 4)
 
 
+def test_generation_prompts_are_the_rows_before_the_names(one_device_run):
+  """Each query's prompt, left padded, is its rows' common start: followed by ' <answer>.'
+  it is the answer's ranking row."""
+  *_, trainer, mesh, _ = one_device_run
+  tokenizer = trainer.task.tokenizer
+  split = trainer.task.evaluators(mesh)['fewshot'].splits[4]
+  prompts = fewshot.generation_prompts(split)
+  candidates = len(split['candidates'][0])
+  assert prompts['prompt_tokens'].shape[0] == len(split['answer']) == 8
+  for q, answer in enumerate(split['answer']):
+    prompt = prompts['prompt_tokens'][q][prompts['prompt_mask'][q]]
+    assert not prompts['prompt_mask'][q][:-len(prompt)].any()  # padding on the left only
+    assert tokenizer.decode(prompt[-11:]) == 'an emoji of'
+    completed = np.concatenate([prompt, tokenizer.encode_text(f' {answer}.')])
+    row = split['tokens'][q * candidates + split['answer_index'][q]]
+    np.testing.assert_array_equal(row[:len(completed)], completed)
+    np.testing.assert_array_equal(prompts['image'][q], split['image'][q * candidates])
+
+
+def test_fewshot_generation_scores_the_written_name(tmp_path):
+  """A model that always writes ' Cat.': right where the answer is cat, a shown name where a
+  demonstration is cat (4 queries x 3 candidates, 2 demonstrations, batches of 3)."""
+  tokenizer = instruct.ByteLMTokenizer()
+  candidates = [['cat', 'dog', 'owl'], ['ant', 'bee', 'cat'], ['fox', 'elk', 'yak'],
+                ['pig', 'cow', 'cat']]
+  answer_index = np.array([0, 2, 1, 0])
+  demonstrations = [['dog', 'cat'], ['ant', 'cat'], ['elk', 'yak'], ['pig', 'cow']]
+  n, c = len(candidates), 3
+  tokens = np.tile(np.arange(1, 7, dtype=np.int32), (n * c, 1))
+  loss_weights = np.zeros((n * c, 6), np.float32)
+  loss_weights[:, 3:] = 1  # prompts of 4 tokens
+  split = {'image': np.zeros((n * c, 3, 2, 2, 3), np.float32), 'tokens': tokens,
+           'loss_weights': loss_weights, 'candidates': candidates,
+           'answer_index': answer_index, 'demonstrations': demonstrations,
+           'answer': [names[i] for names, i in zip(candidates, answer_index)],
+           'answer_shown': np.array([True, True, True, False])}
+  written = np.concatenate([tokenizer.encode_text(' Cat.'), [tokenizer.eos_id, 0, 0]])
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  evaluator = fewshot.FewShotGenerationEvaluator(
+      answer_fn=lambda params, batch: jnp.tile(written, (len(batch['prompt_tokens']), 1)),
+      tokenizer=tokenizer, splits={2: split}, batch_size=3, mesh=mesh)
+  assert evaluator.run(None) == {
+      '2shot/exact_match': pytest.approx(2 / 4), '2shot/num_examples': 4,
+      '2shot/answer_shown': pytest.approx(3 / 4),
+      '2shot/exact_match_answer_shown': pytest.approx(2 / 3),
+      '2shot/exact_match_answer_not_shown': 0.0,
+      '2shot/named_shown': pytest.approx(2 / 4)}
+  assert fewshot.written_name(' flag: st. helena.') == 'flag: st. helena'
+  [path] = evaluator.write_report(str(tmp_path), step=7)
+  with open(path) as f:
+    report = json.load(f)
+  assert os.path.basename(path) == 'fewshot_generated_report_7.json'
+  assert report['2shot'][1] == {'answer': 'cat', 'written': 'cat',
+                                'demonstrations': ['ant', 'cat']}
+
+
+def test_fewshot_generation_runs_on_the_model(one_device_run):
+  *_, trainer, mesh, state = one_device_run
+  metrics = trainer.task.evaluators(mesh)['fewshot_generated_unseen'].run(state['params'])
+  for k in (0, 1, 4):
+    assert metrics[f'{k}shot/num_examples'] == 8
+    assert 0 <= metrics[f'{k}shot/exact_match'] <= 1
+  assert 0 <= metrics['4shot/named_shown'] <= 1
+
+
 def test_retrieved_demonstrations_are_the_most_similar_candidate_drawings():
   """RICES: the k drawings of the candidates nearest the query, the nearest last."""
   directions = np.eye(6, dtype=np.float32)  # one unit direction per train example

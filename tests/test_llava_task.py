@@ -128,6 +128,22 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
   assert stage2.keys() == stage1.keys()
   for name, value in stage2.items():
     np.testing.assert_array_equal(value, stage1[name], err_msg=name)
+  # Only the projector from stage 1; the LM from lm_from, the rest fresh.
+  only_projector, _, _ = _train(llava_config(data_dir, **{
+      'init.params_from': stage1_dir, 'init.params_parts': 'projector', 'init.lm_from': lm_dir}),
+      steps=0)
+  fresh_equal_to_stage1 = []
+  for name, value in only_projector.items():
+    source = stage1 if name.startswith("['projector']") else lm if name.startswith("['lm']") else {}
+    if source:
+      np.testing.assert_array_equal(value, source[name], err_msg=name)
+    else:
+      fresh_equal_to_stage1.append(np.array_equal(value, stage1[name]))
+  assert fresh_equal_to_stage1 and not all(fresh_equal_to_stage1)  # a new vision tower
+  with pytest.raises(ValueError, match=r"params_parts: .*stage1.* holds no \['resampler'\]"):
+    pretrained.init_parts(init(params_from=stage1_dir, params_parts='resampler'))
+  with pytest.raises(ValueError, match='params_parts=.*needs config.init.params_from'):
+    pretrained.init_parts(init(params_parts='projector'))
 
 
 def _read(workdir):

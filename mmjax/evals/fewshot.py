@@ -22,7 +22,17 @@ nearest name, in all of it. (With retrieved demonstrations the last is also the 
 
 `score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
 'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
+
+Open-ended (`mode='generate'`, `FewShotGenerationEvaluator`): the same prompts, no
+candidates; the model writes the caption's end greedily (`answer_fn`, the task's) and the
+name it writes must be the answer exactly (`<k>shot/exact_match`; chance is ~0 for a model
+that cannot see), which is Flamingo's open-ended captioning and VQA setting. Besides the
+shown/not-shown split, `<k>shot/named_shown`: the fraction of queries whose written name is
+a demonstration's (copying), for k > 0.
 """
+
+import json
+import os
 
 import numpy as np
 
@@ -123,17 +133,103 @@ def _picked_demonstrations(k: int, picked, split) -> dict[str, float]:
                                                         for n, d in zip(names, demos)]))}
 
 
-def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
+def generation_prompts(split: dict) -> dict[str, np.ndarray]:
+  """One prompt per query of a ranking split: its rows' common start, `... <image> an emoji
+  of` (the tokens before the first weighted target of row q * C), left padded.
+
+  Returns {'image' float32 [n, k + 1, S, S, 3], 'prompt_tokens' int32 [n, P], 'prompt_mask'
+  bool [n, P]} (P: the longest prompt).
+  """
+  candidates = len(split['candidates'][0])
+  first_rows = np.arange(len(split['answer_index'])) * candidates
+  prompt_lengths = np.argmax(split['loss_weights'][first_rows] > 0, axis=1) + 1
+  width = int(prompt_lengths.max())
+  tokens = np.zeros((len(first_rows), width), np.int32)
+  mask = np.zeros((len(first_rows), width), bool)
+  for i, (row, length) in enumerate(zip(first_rows, prompt_lengths)):
+    tokens[i, width - length:] = split['tokens'][row, :length]
+    mask[i, width - length:] = True
+  return {'image': split['image'][first_rows], 'prompt_tokens': tokens, 'prompt_mask': mask}
+
+
+def written_name(text: str) -> str:
+  """The name in a generated caption end ' <name>.': stripped, one final '.' dropped."""
+  text = text.strip()
+  return text[:-1] if text.endswith('.') else text
+
+
+class FewShotGenerationEvaluator:
+  """`run(params)` -> `{'<k>shot/exact_match', '<k>shot/num_examples', ...}` (see the module
+  docstring) for each k of `splits` (as `FewShotEvaluator`'s).
+
+  `answer_fn(params, batch) -> int32 [b, max_new_tokens]` greedy continuations of the
+  left-padded prompts of `generation_prompts` (batch: image, prompt_tokens, prompt_mask).
+  `write_report` writes the last run's first queries (answer, demonstrations, written name)
+  to `<name>_report_<step>.json`.
+  """
+
+  def __init__(self, *, answer_fn, tokenizer, splits, batch_size, mesh,
+               name: str = 'fewshot_generated'):
+    if not splits:
+      raise ValueError('no shot counts to evaluate')
+    self.name = name
+    self.splits = splits
+    self.tokenizer = tokenizer
+    self._answer = BatchedApply(answer_fn, mesh, batch_size)
+    self._last = {}
+
+  def names(self, params, split: dict) -> list[str]:
+    """The name written for each query of `split`."""
+    return [written_name(self.tokenizer.decode(ids))
+            for ids in self._answer(params, generation_prompts(split))]
+
+  def run(self, params) -> dict[str, float]:
+    metrics = {}
+    splits = self.splits(params) if callable(self.splits) else self.splits
+    for k, split in splits.items():
+      names = self.names(params, split)
+      self._last[k] = [{'answer': answer, 'written': name, 'demonstrations': list(demos)}
+                       for answer, name, demos in zip(split['answer'], names,
+                                                      split['demonstrations'])]
+      right = np.array([name == answer.lower() for name, answer in zip(names, split['answer'])])
+      metrics[f'{k}shot/exact_match'] = float(np.mean(right))
+      metrics[f'{k}shot/num_examples'] = len(right)
+      if not k:
+        continue
+      shown = np.asarray(split['answer_shown'])
+      metrics[f'{k}shot/answer_shown'] = float(np.mean(shown))
+      for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
+        if subset.any():
+          metrics[f'{k}shot/exact_match_{name}'] = float(np.mean(right[subset]))
+      metrics[f'{k}shot/named_shown'] = float(np.mean([
+          name in {d.lower() for d in demos} for name, demos in zip(names,
+                                                                    split['demonstrations'])]))
+    return metrics
+
+  def write_report(self, directory: str, step: int, num_examples: int = 100) -> list[str]:
+    path = os.path.join(directory, f'{self.name}_report_{step}.json')
+    with open(path, 'w') as f:
+      json.dump({f'{k}shot': examples[:num_examples] for k, examples in self._last.items()}, f,
+                indent=1)
+    return [path]
+
+
+def fewshot_from_config(eval_config, task, mesh):
   """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
   demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
   'retrieved' (`RetrievedDemonstrations`)), names ('seen' (default) or 'unseen': the queries'
   names, see `mmjax.data.interleaved`), cued (default False: the text says which
   demonstration shows the answer, `interleaved.fewshot_split`, with the cues where the
-  task's `config.data.cue_at` puts them).
+  task's `config.data.cue_at` puts them), mode ('rank' (default): `FewShotEvaluator`, or
+  'generate': `FewShotGenerationEvaluator`, the candidates unused).
 
-  The task provides `score_fn(mesh)` (-> score_fn above), `tokenizer`, `data_dir` (emoji
-  built), `config.data.image_size` and, for 'retrieved', `image_embedding_fn(mesh)`.
+  The task provides `score_fn(mesh)` (-> score_fn above) or, to generate, `answer_fn(mesh)`,
+  `tokenizer`, `data_dir` (emoji built), `config.data.image_size` and, for 'retrieved',
+  `image_embedding_fn(mesh)`.
   """
+  mode = eval_config.get('mode', 'rank')
+  if mode not in ('rank', 'generate'):
+    raise ValueError(f"mode={mode!r}: use 'rank' or 'generate'")
   shots = tuple(eval_config.get('shots', (0, 1, 4)))
   demonstrations = eval_config.get('demonstrations', 'candidates')
   options = dict(num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
@@ -151,5 +247,10 @@ def fewshot_from_config(eval_config, task, mesh) -> FewShotEvaluator:
     splits = interleaved.load_fewshot(task.data_dir, tokenizer=task.tokenizer, shots=shots,
                                       demonstrations=demonstrations, cued=cued,
                                       cue_at=task.config.data.get('cue_at', 'image'), **options)
+  if mode == 'generate':
+    return FewShotGenerationEvaluator(
+        answer_fn=task.answer_fn(mesh), tokenizer=task.tokenizer, splits=splits,
+        batch_size=eval_config.batch_size, mesh=mesh,
+        name=f"fewshot_generated_{options['names']}_{demonstrations}")
   return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
                           batch_size=eval_config.batch_size, mesh=mesh)

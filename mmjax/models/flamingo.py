@@ -23,28 +23,38 @@ Params: `lm` (a `DecoderLM` tree, so a trained LM loads in unchanged) and `gated
 The layers run as one `nn.scan` over groups of `cross_attn_every` decoder layers with the
 gated block before the group's last layer; the decoder's parameters enter the scan as
 data (stacked `[groups, every, ...]`), which keeps them under `lm` while the gated
-blocks' own parameters are scanned under `gated_xattn`. Generation with a KV cache is not
-wired yet: it would thread `DecoderLM`'s per-layer cache through the groups and keep the
-media keys/values (or the media) and the running `text_time` between steps.
+blocks' own parameters are scanned under `gated_xattn`.
+
+Generation with a KV cache (`mmjax.generate.generate(model, ..., media=...)`): `decode` takes
+the LM's cache (`init_cache`, `DecoderLM`'s, threaded through the groups) and `images_before
+[batch]`, the `<image>` tokens before this call's first token, so that a new token sees the
+image its row last showed. The media keys and values are
+recomputed at each step (a few latents per image, cheap next to the decoder's cache).
 """
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
+from mmjax.models import decoder
 from mmjax.models.decoder import DecoderBlock, DecoderLM
 
 
 def text_to_media_mask(tokens, media_token_id: int, num_images: int, latents: int,
-                       only_attend_immediate_media: bool = True):
+                       only_attend_immediate_media: bool = True, images_before=None):
   """Which media keys each text token attends to: `[batch, length, num_images * latents]` bool.
 
   `tokens [batch, length]` int. Key k belongs to image `k // latents + 1`; token j has
-  `text_time = cumsum(tokens == media_token_id)[j]` (the `<image>` token counts as after
-  its image) and sees the keys of image `text_time` (or of images `<= text_time`).
+  `text_time = images_before + cumsum(tokens == media_token_id)[j]` (the `<image>` token
+  counts as after its image; `images_before [batch]` int, default 0: the `<image>` tokens
+  before `tokens[:, 0]`, when decoding with a cache) and sees the keys of image `text_time`
+  (or of images `<= text_time`).
   """
   text_time = jnp.cumsum(tokens == media_token_id, axis=1)
+  if images_before is not None:
+    text_time = text_time + images_before[:, None]
   media_time = jnp.repeat(jnp.arange(1, num_images + 1), latents)
   if only_attend_immediate_media:
     return text_time[:, :, None] == media_time
@@ -125,6 +135,11 @@ class Flamingo(nn.Module):
   xattn_mlp_ratio: int = 4
   dtype: layers.Dtype = jnp.float32
 
+  def __post_init__(self):
+    # Hashable, so that the module can be a static argument of jit (as in mmjax.generate).
+    object.__setattr__(self, 'language_model', flax.core.FrozenDict(self.language_model))
+    super().__post_init__()
+
   def setup(self):
     depth = self.language_model['depth']
     if depth % self.cross_attn_every:
@@ -148,34 +163,72 @@ class Flamingo(nn.Module):
     """Logits `[batch, length, vocab]` float32; `positions`, `kv_mask` as in `DecoderLM`."""
     if self.is_initializing():
       self.lm(tokens, positions=positions, kv_mask=kv_mask)  # creates the `lm` params
+    logits, _ = self._forward(tokens, media, positions, kv_mask)
+    return logits
+
+  def decode(self, tokens, media, *, cache, cache_index, images_before, positions=None,
+             kv_mask=None):
+    """(logits `[batch, length, vocab]` float32, updated cache): `__call__` with a KV cache.
+
+    `cache`: `init_cache(model, batch, max_len)` or an earlier call's; `cache_index` int32
+    scalar, the slot of `tokens[:, 0]`; `images_before [batch]` int, the `<image>` tokens of
+    each row in the slots before it. `positions` (default `cache_index + arange(length)`)
+    and `kv_mask [batch, max_len]` as in `DecoderLM` with a cache.
+    """
+    return self._forward(tokens, media, positions, kv_mask, cache, cache_index, images_before)
+
+  def _forward(self, tokens, media, positions, kv_mask, cache=None, cache_index=None,
+               images_before=None):
     batch, images, latents, media_width = media.shape
     media = media.reshape(batch, images * latents, media_width)
     media_mask = text_to_media_mask(tokens, self.media_token_id, images, latents,
-                                    self.only_attend_immediate_media)
+                                    self.only_attend_immediate_media, images_before)
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    lm = self.lm
+      first_slot = 0 if cache is None else cache_index
+      positions = jnp.broadcast_to(first_slot + jnp.arange(tokens.shape[1]), tokens.shape)
+    lm, every = self.lm, self.cross_attn_every
     decoder_block = DecoderBlock(
         lm.num_heads, lm.num_kv_heads, lm.mlp_dim, lm.head_dim, lm.rope_theta, lm.norm_eps,
         lm.attention_bias, self.dtype, parent=None)
 
-    def layer_group(gated_block, x, group_params):
-      """`cross_attn_every` decoder layers with the gated block before the last one."""
-      for i in range(self.cross_attn_every):
-        if i == self.cross_attn_every - 1:
+    def layer_group(gated_block, x, group):
+      """`every` decoder layers with the gated block before the last one; `group` holds
+      their params and caches (None without a cache), stacked `[every, ...]`."""
+      group_params, group_cache = group
+      layer_caches = []
+      for i in range(every):
+        if i == every - 1:
           x = gated_block(x, media, media_mask)
-        layer_params = jax.tree.map(lambda p, i=i: p[i], group_params)
-        x, _ = decoder_block.apply({'params': layer_params}, x, positions, kv_mask, None, None)
-      return x, None
+        layer = lambda tree, i=i: jax.tree.map(lambda a: a[i], tree)
+        x, layer_cache = decoder_block.apply({'params': layer(group_params)}, x, positions,
+                                             kv_mask, layer(group_cache), cache_index)
+        layer_caches.append(layer_cache)
+      if group_cache is None:
+        return x, None
+      return x, jax.tree.map(lambda *caches: jnp.stack(caches), *layer_caches)
 
     stack = nn.scan(layers.remat_block(layer_group, lm.remat, scan=True),
                     variable_axes={'params': 0}, split_rngs={'params': True},
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    x, _ = stack(self.gated_xattn, lm.embed(tokens), self.decoder_layer_groups())
+    # The cache `[depth, ...]` enters the scan as `[depth / every, every, ...]`, as the params.
+    group_caches = None if cache is None else jax.tree.map(
+        lambda c: c.reshape(-1, every, *c.shape[1:]), cache)
+    x, group_caches = stack(self.gated_xattn, lm.embed(tokens),
+                            (self.decoder_layer_groups(), group_caches))
+    if cache is not None:
+      cache = {name: nn.with_logical_constraint(c.reshape(-1, *c.shape[2:]), decoder.CACHE_AXES)
+               for name, c in group_caches.items()}
     x = lm.ln_final(x)
     if lm.tie_embeddings:
       logits = jnp.einsum('ble,ve->blv', x, lm.token_embed.astype(self.dtype))
     else:
       logits = lm.lm_head(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ('act_batch', 'act_length', None))
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ('act_batch', 'act_length', None))
+    return logits, cache
+
+
+def init_cache(model: Flamingo, batch: int, max_len: int, dtype=None) -> dict:
+  """The empty KV cache of `model`'s LM for `Flamingo.decode` (`decoder.init_cache`)."""
+  lm = DecoderLM(**model.language_model, dtype=model.dtype)
+  return decoder.init_cache(lm, batch, max_len, dtype)

@@ -13,7 +13,8 @@ blocks; the LM and the vision tower stay frozen.
 Params: `{'vision_tower', 'resampler', 'media_projection' (if widths differ), 'lm',
 'gated_xattn'}`; `lm` is a `DecoderLM` tree, so a text-only LLaVA run's LM loads by name
 (`config.init.lm_from`), and `vision_tower` is cut from a CLIP run (`config.init.vision_from`)
-as LLaVA's. Evaluation: few-shot ranking of candidate names (`mmjax.evals.fewshot`).
+as LLaVA's. Evaluation: few-shot ranking of candidate names, or the name written after the
+prompt (`answer_fn`, generation with a KV cache) (`mmjax.evals.fewshot`).
 """
 
 import json
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 
 from mmjax import config_lib
 from mmjax import evals
+from mmjax import generate
 from mmjax import losses
 from mmjax.data import instruct
 from mmjax.data import interleaved
@@ -125,8 +127,7 @@ class FlamingoTask(Task):
 
   def logits(self, params, batch):
     """`[b, L, vocab]` next-token logits of the rows `batch['tokens']` with `batch['image']`."""
-    flamingo_params = {'lm': params['lm'], 'gated_xattn': params['gated_xattn']}
-    return self.flamingo.apply({'params': flamingo_params}, batch['tokens'],
+    return self.flamingo.apply({'params': _flamingo_params(params)}, batch['tokens'],
                                self.media(params, batch['image']))
 
   def loss(self, params, batch, rng):
@@ -147,6 +148,23 @@ class FlamingoTask(Task):
               / jnp.maximum(jnp.sum(weights, axis=1), 1.0))
 
     return score
+
+  def answer_fn(self, mesh):
+    """`(params, batch) -> int32 [b, generation.max_new_tokens]`: greedy continuations of the
+    left-padded prompts `batch['prompt_tokens'] [b, P]` (`prompt_mask [b, P]`) with their
+    images `batch['image'] [b, K, S, S, 3]` (one per `<image>` token), through the KV cache
+    (`mmjax.generate`); each row ends at its end of chunk, pad (0) after it."""
+    del mesh  # generate shards like training under the caller's mesh
+
+    def answer(params, batch):
+      return generate.generate(
+          self.flamingo, {'params': _flamingo_params(params)},
+          prompt_tokens=batch['prompt_tokens'], prompt_mask=batch['prompt_mask'],
+          media=self.media(params, batch['image']),
+          max_new_tokens=self.config.generation.max_new_tokens,
+          stop_tokens=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)['tokens']
+
+    return answer
 
   def image_embedding_fn(self, mesh):
     """`(params, images [b, S, S, 3]) -> float32 [b, vision_width]`: the frozen vision
@@ -180,6 +198,11 @@ class FlamingoTask(Task):
   def pretrained_params(self):
     """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""
     return pretrained.init_parts(self.config.init, self.config.model.vision)
+
+
+def _flamingo_params(params) -> dict:
+  """The `Flamingo` module's part of the task's params."""
+  return {'lm': params['lm'], 'gated_xattn': params['gated_xattn']}
 
 
 def load_cue_table(cue_table: str) -> dict[str, str] | None:

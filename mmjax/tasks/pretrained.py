@@ -1,8 +1,10 @@
 """Pretrained parts from our own training runs, for `Task.pretrained_params` (`config.init`).
 
-`config.init = dict(vision_from='', lm_from='', params_from='')`, each a workdir of ours ('' =
-none; the newest checkpoint is read, no model needed):
-  params_from  every top-level param subtree of that run (e.g. stage 1 -> stage 2);
+`config.init = dict(vision_from='', lm_from='', params_from='', params_parts='')`, each
+`*_from` a workdir of ours ('' = none; the newest checkpoint is read, no model needed):
+  params_from  every top-level param subtree of that run (e.g. stage 1 -> stage 2), or only
+               those that `params_parts` names (comma separated, e.g. 'resampler': a
+               trained part under fresh others);
   vision_from  a CLIP run: its image tower, cut to a `vision_tower` of the config's vision
                depth (`vit.vision_params_from_clip`: CLIP's penultimate layer);
   lm_from      any run with an `lm` (a text-only LLaVA run, a Flamingo `lm` stage): its LM.
@@ -36,8 +38,17 @@ def init_parts(init, vision=None) -> dict:
   vision: the config's vision tower kwargs (`depth`, `scan`), needed for `vision_from`.
   """
   loaded = {}
+  parts = [part.strip() for part in init.get('params_parts', '').split(',') if part.strip()]
+  if parts and not init.params_from:
+    raise ValueError(f'config.init.params_parts={init.params_parts!r} needs '
+                     'config.init.params_from')
   if init.params_from:
-    loaded.update(newest_params(init.params_from))
+    params = newest_params(init.params_from)
+    missing = sorted(set(parts) - set(params))
+    if missing:
+      raise ValueError(f'config.init.params_parts: {init.params_from!r} holds no {missing} '
+                       f'(top-level params: {sorted(params)})')
+    loaded.update({name: tree for name, tree in params.items() if not parts or name in parts})
   if init.vision_from:
     if vision is None:
       raise ValueError(f'config.init.vision_from={init.vision_from!r}: this model has no '
