@@ -285,8 +285,17 @@ def test_sharded_training_matches_one_device(data_dir):
     assert 'codebook_update' not in got and got.keys() == want.keys()
     for key in ('loss', 'pixel_loss', 'commitment_loss', 'grad_norm', 'codes_restarted'):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
-  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree.leaves(ref_params)):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['k']['bias']"):
+      # The softmax over keys ignores what the key bias adds to every logit of a query, so its
+      # gradient is rounding noise, which Adam scales to ~1e-6 steps: it stays near its zero
+      # init on both meshes but need not agree between them.
+      assert np.abs(np.asarray(got)).max() < 1e-4 and np.abs(np.asarray(want)).max() < 1e-4
+      continue
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5,
+                               err_msg=name)
   np.testing.assert_allclose(np.sum(params['quantizer']['usage']), 1.0, rtol=1e-4)
   kernel = params['encoder']['down_1']['block_0']['conv1']['kernel']
   assert kernel.addressable_shards[0].data.shape[-1] * 4 == kernel.shape[-1]
