@@ -112,15 +112,23 @@ class FewShotEvaluator:
       right = ranking_correct(scores, split['answer_index'])
       metrics[f'{k}shot/accuracy'] = float(np.mean(right))
       metrics[f'{k}shot/num_examples'] = len(right)
-      shown = np.asarray(split['answer_shown'])
       if k:
-        metrics[f'{k}shot/answer_shown'] = float(np.mean(shown))
-      for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
-        if k and subset.any():
-          metrics[f'{k}shot/accuracy_{name}'] = float(np.mean(right[subset]))
+        metrics.update(_by_answer_shown(k, 'accuracy', right, split['answer_shown']))
       if k >= 2 and 'demonstrations' in split:
         metrics.update(_picked_demonstrations(k, np.argmax(scores, axis=1), split))
     return metrics
+
+
+def _by_answer_shown(k: int, metric: str, right, answer_shown) -> dict[str, float]:
+  """`<k>shot/answer_shown` (the fraction of queries whose answer a demonstration shows) and
+  `<k>shot/<metric>_answer_shown` / `_answer_not_shown`: the mean of `right [n]` bool over
+  those queries and over the others (absent when empty)."""
+  shown = np.asarray(answer_shown)
+  metrics = {f'{k}shot/answer_shown': float(np.mean(shown))}
+  for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
+    if subset.any():
+      metrics[f'{k}shot/{metric}_{name}'] = float(np.mean(right[subset]))
+  return metrics
 
 
 def _picked_demonstrations(k: int, picked, split) -> dict[str, float]:
@@ -196,14 +204,10 @@ class FewShotGenerationEvaluator:
       metrics[f'{k}shot/num_examples'] = len(right)
       if not k:
         continue
-      shown = np.asarray(split['answer_shown'])
-      metrics[f'{k}shot/answer_shown'] = float(np.mean(shown))
-      for name, subset in (('answer_shown', shown), ('answer_not_shown', ~shown)):
-        if subset.any():
-          metrics[f'{k}shot/exact_match_{name}'] = float(np.mean(right[subset]))
+      metrics.update(_by_answer_shown(k, 'exact_match', right, split['answer_shown']))
       metrics[f'{k}shot/named_shown'] = float(np.mean([
-          name in {d.lower() for d in demos} for name, demos in zip(names,
-                                                                    split['demonstrations'])]))
+          written in {d.lower() for d in demos}
+          for written, demos in zip(names, split['demonstrations'])]))
     return metrics
 
   def write_report(self, directory: str, step: int, num_examples: int = 100) -> list[str]:
