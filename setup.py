@@ -7,7 +7,8 @@ setup(
     version='0.1.0',
     description='Multimodal transformers (CLIP, SigLIP, ...) in JAX/Flax on a device mesh',
     python_requires='>=3.10',
-    packages=find_packages(include=['mmjax', 'mmjax.*']),
+    # configs: the experiment configs import each other (`from configs import common`).
+    packages=find_packages(include=['mmjax', 'mmjax.*', 'configs']),
     install_requires=[
         'jax>=0.7',
         'flax>=0.11',

@@ -3,7 +3,7 @@ r"""CLIP: ViT image tower + causal text tower trained with the softmax InfoNCE l
 Variants (`--config configs/clip.py:VARIANT`):
   tiny   digits 8x8, 2+2 layers of width 64: tests, seconds on a laptop.
   small  emoji 32x32, ViT-4/8 width 128 + 2-layer text: real zero-shot learning on a
-         2-core CPU in about 10 minutes (numbers in README.md).
+         2-core CPU in about 10 minutes (numbers in docs/clip.md).
   base   ViT-B/16 at 224 + 12-layer width-512 text (CLIP ViT-B/16): for GPU/TPU.
 
   python -m mmjax.train --config configs/clip.py:small --workdir /tmp/clip_small \
@@ -15,12 +15,13 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
+
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.task = 'clip'
-  config.seed = 0
 
   config.data = dict(
       name='digits',
@@ -60,26 +61,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       remat='none',  # 'none' | 'full' | 'dots' | 'dots_no_batch' (mmjax.models.layers)
   )
 
-  config.batch_size = 64
-  config.total_steps = 300
-  config.grad_accum_steps = 1
-  config.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
-
-  # AdamW, linear warmup then cosine decay to end_lr_fraction * lr.
-  config.lr = 1e-3
-  config.wd = 0.1  # decoupled weight decay on matrices only (not on norms, biases, scalars)
-  config.schedule = dict(warmup_steps=30, end_lr_fraction=0.0)
-  # mu_dtype: the first moment's dtype ('bfloat16' halves it; None = the params' float32).
-  config.adam = dict(b1=0.9, b2=0.98, eps=1e-6, mu_dtype=config_dict.placeholder(str))
-  config.grad_clip_norm = 1.0
-
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
-
-  config.log_every = 25
-  config.eval_every = 150
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
-  config.record_example_ids = False  # write the example ids of every step to the workdir
+  config.update(common.training(
+      batch_size=64, total_steps=300, lr=1e-3, wd=0.1, warmup_steps=30, end_lr_fraction=0.0,
+      b2=0.98, eps=1e-6, eval_every=150, checkpoint_every=100))
 
   # Evaluators by name (mmjax/evals): `type` picks one, the rest are its options.
   config.evals = dict(zeroshot=dict(type='zeroshot', templates='hand', batch_size=256))

@@ -18,7 +18,7 @@ candidates' drawings by the frozen vision tower's similarity to the query (`fews
 RICES, as Flamingo's few-shot classification); `fewshot_unseen`, `fewshot_retrieved_unseen`:
 the same for names never trained on, known only from the demonstrations;
 `fewshot_cued_unseen`: 4 shots of new names whose text says which demonstration shows the
-answer (cue digits, the format of `data.cue_prob`), a diagnostic of the LM's copying;
+answer (cue digits, `experiments/flamingo/curricula.py`), a diagnostic of the LM's copying;
 `fewshot_generated(_unseen)`: open-ended, the name the model writes (greedy, KV cache) after
 retrieved demonstrations must be the answer exactly.
 
@@ -32,9 +32,15 @@ retrieved demonstrations must be the answer exactly.
 
 from ml_collections import config_dict
 
-# Byte-level ids of mmjax.data.instruct.ByteLMTokenizer: 256 bytes, pad, BOS, EOS (= end of
+from configs import common
+
+# Byte-level ids of mmjax.data.tokenizers.ByteLMTokenizer: 256 bytes, pad, BOS, EOS (= end of
 # chunk), <image>.
 VOCAB_SIZE = 260
+
+# The few-shot rows of `fewshot_cued_unseen`: cue digits after each `<image>` (a curriculum
+# with cues, see its docstring; `cue_at=name` puts them before the names).
+CUED = 'experiments/flamingo/curricula.py:cue_prob=1.0'
 
 # `config.trainable` of each stage: a regex over '/'-joined param paths (mmjax.train).
 TRAINABLE = {
@@ -52,8 +58,6 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.variant = arg
   config.task = 'flamingo'
-  config.seed = 0
-  config.trainable = TRAINABLE[stage]
 
   config.data = dict(
       data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
@@ -61,13 +65,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       images_per_sequence=3,  # K (image, caption) chunks per training sequence
       max_len=128,  # [BOS] (<image> 'an emoji of <name>.' <eoc>) * K, right padded
       repeat_prob=0.5,  # chunk j > 0 shows an earlier chunk's thing again (another drawing)
-      repeat_last_only=False,  # only the last chunk may repeat (the others: distinct things)
-      same_drawing_prob=0.0,  # a repeat shows the earlier chunk's own drawing (an easy match)
-      made_up_prob=0.0,  # a sequence's things get made-up names (learn to copy new names)
-      cue_prob=0.0,  # a sequence's chunks get a cue digit per thing (says which repeats)
-      cue_at='image',  # the cue after `<image>` or ('name') right before the name
-      cue_digits='per_sequence',  # or 'per_thing': a digit per thing, repeats uncued
-      cue_table='',  # per_thing digits: a JSON {name: digit} (experiments/flamingo_picture_cues.py)
+      # '' (the plain format) or 'FILE.py:KEY=VALUE,...': a research curriculum and its
+      # options (mmjax.data.interleaved.load_curriculum; experiments/flamingo/curricula.py)
+      curriculum='',
       augment=True,
       worker_count=0,
   )
@@ -96,22 +96,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   config.init = dict(vision_from='', lm_from='', params_from='', params_parts='')
   config.loss = dict(z_loss=0.0)
 
-  config.batch_size = 8
-  config.total_steps = 100
-  config.grad_accum_steps = 1
-  config.compute_dtype = 'float32'
-  config.lr = 1e-3
-  config.wd = 0.1
-  config.schedule = dict(warmup_steps=10, end_lr_fraction=0.1)
-  config.adam = dict(b1=0.9, b2=0.95, eps=1e-8, mu_dtype=config_dict.placeholder(str))
-  config.grad_clip_norm = 1.0
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
-
-  config.log_every = 25
-  config.eval_every = 100
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
-  config.record_example_ids = False
+  config.update(common.training(
+      batch_size=8, total_steps=100, lr=1e-3, wd=0.1, warmup_steps=10, end_lr_fraction=0.1,
+      b2=0.95, eps=1e-8, eval_every=100, checkpoint_every=100, trainable=TRAINABLE[stage]))
 
   # Rank `num_candidates` names (chance: 1 / num_candidates) after 0, 1 and 4 demonstrations
   # drawn from the candidates (`fewshot`), from other names (`fewshot_format`) or the most
@@ -126,9 +113,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
       fewshot_unseen=dict(fewshot, names='unseen'),
       fewshot_retrieved_unseen=dict(fewshot, shots=(1, 4), demonstrations='retrieved',
                                     names='unseen'),
-      # Diagnostic: cue digits in the text say which demonstration shows the answer (the
-      # `cue_prob` format), so a model that copies the right one scores without pictures.
-      fewshot_cued_unseen=dict(fewshot, shots=(4,), names='unseen', cued=True),
+      # Diagnostic: cue digits in the text say which demonstration shows the answer (`CUED`),
+      # so a model that copies the right one scores without pictures.
+      fewshot_cued_unseen=dict(fewshot, shots=(4,), names='unseen', curriculum=CUED),
       # Open-ended: the name the model writes after the prompt must be the answer exactly.
       fewshot_generated=dict(fewshot, demonstrations='retrieved', mode='generate'),
       fewshot_generated_unseen=dict(fewshot, demonstrations='retrieved', names='unseen',

@@ -1,7 +1,7 @@
 r"""LLaVA: a CLIP vision tower's penultimate-layer features -> projector -> decoder LM.
 
 `--config configs/llava.py:VARIANT[,STAGE]`
-  variants  tiny (tests: seconds), small (a 2-core CPU, minutes; numbers in README.md)
+  variants  tiny (tests: seconds), small (a 2-core CPU, minutes; numbers in docs/llava.md)
   stages    stage2 (default): projector + LM train, the vision tower is frozen;
             stage1: the projector alone trains (LLaVA's feature alignment);
             text_only: the same LM on the same rows without the image (the baseline).
@@ -25,13 +25,15 @@ image." -> the Tux Paint sentence, "Which category is this?". Loss on answer tok
 
 from ml_collections import config_dict
 
+from configs import common
+
 # `config.trainable` of each stage: a regex over '/'-joined param paths (mmjax.train).
 TRAINABLE = {
     'stage1': r'projector/.*',
     'stage2': r'(projector|lm)/.*',
     'text_only': r'lm/.*',
 }
-# Byte-level ids of mmjax.data.instruct.ByteLMTokenizer: 256 bytes, pad, BOS, EOS, <image>.
+# Byte-level ids of mmjax.data.tokenizers.ByteLMTokenizer: 256 bytes, pad, BOS, EOS, <image>.
 VOCAB_SIZE = 260
 IMAGE_TOKEN_ID = 259
 
@@ -44,9 +46,7 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   config = config_dict.ConfigDict()
   config.variant = arg
   config.task = 'llava'
-  config.seed = 0
   config.text_only = stage == 'text_only'
-  config.trainable = TRAINABLE[stage]
 
   config.data = dict(
       data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
@@ -82,22 +82,9 @@ def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
   config.loss = dict(z_loss=0.0)  # weight of mean(logsumexp(logits)**2) (PaLM, Chameleon)
   config.generation = dict(max_new_tokens=48)  # greedy answers in evaluation
 
-  config.batch_size = 16
-  config.total_steps = 100
-  config.grad_accum_steps = 1
-  config.compute_dtype = 'float32'
-  config.lr = 1e-3
-  config.wd = 0.1
-  config.schedule = dict(warmup_steps=10, end_lr_fraction=0.1)
-  config.adam = dict(b1=0.9, b2=0.95, eps=1e-8, mu_dtype=config_dict.placeholder(str))
-  config.grad_clip_norm = 1.0
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
-
-  config.log_every = 25
-  config.eval_every = 100
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
-  config.record_example_ids = False
+  config.update(common.training(
+      batch_size=16, total_steps=100, lr=1e-3, wd=0.1, warmup_steps=10, end_lr_fraction=0.1,
+      b2=0.95, eps=1e-8, eval_every=100, checkpoint_every=100, trainable=TRAINABLE[stage]))
 
   config.evals = dict(
       qa=dict(type='qa', batch_size=256),  # exact match per short-answer question kind

@@ -10,21 +10,13 @@ position, then a linear head with bias. Variants as in configs/clip.py: tiny, sm
   python -m mmjax.train --config configs/siglip.py:small --workdir /tmp/siglip_small
 """
 
-import importlib.util
 import math
-import os
 
-
-def _clip_config(variant):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'clip.py')
-  spec = importlib.util.spec_from_file_location('mmjax_configs_clip', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from configs import clip
 
 
 def get_config(variant: str = 'tiny'):
-  config = _clip_config(variant)
+  config = clip.get_config(variant)
   config.loss = 'sigmoid'
   config.model.temperature_init = math.log(10.0)
   config.model.bias_init = -10.0

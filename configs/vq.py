@@ -3,7 +3,7 @@ r"""VQ image tokenizer (Chameleon's VQGAN): conv encoder -> vector quantizer -> 
 Variants (`--config configs/vq.py:VARIANT`):
   tiny       digits 8x8 -> 4x4 tokens, 32 codes: tests, seconds.
   small      emoji 32x32 -> 8x8 tokens, 512 codes of dim 16, dead-code restarts: a 2-core
-             CPU in about 15 minutes (numbers in README.md).
+             CPU in about 15 minutes (numbers in docs/vq.md).
   chameleon  Chameleon's published tokenizer shape: 512x512 -> 32x32 = 1,024 tokens
              (16x down-sampling), 8,192 codes of dim 256, channels 128 x (1, 1, 2, 2, 4),
              2 residual blocks per level, attention in the middle only; for accelerators.
@@ -14,12 +14,13 @@ Variants (`--config configs/vq.py:VARIANT`):
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.task = 'vq'
-  config.seed = 0
 
   config.data = dict(
       name='digits',
@@ -65,24 +66,10 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       discriminator=dict(channels=64, num_layers=3, norm_groups=32),
   )
 
-  config.batch_size = 32
-  config.total_steps = 100
-  config.grad_accum_steps = 1
-  config.compute_dtype = 'float32'
-
-  config.lr = 1e-3
-  config.wd = 0.0  # no decay: it would pull the codebook to the origin
-  config.schedule = dict(warmup_steps=10, end_lr_fraction=0.1)
-  config.adam = dict(b1=0.9, b2=0.99, eps=1e-8, mu_dtype=None)
-  config.grad_clip_norm = 1.0
-
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
-
-  config.log_every = 25
-  config.eval_every = 100
-  config.checkpoint_every = 100
-  config.keep_checkpoints = 2
-  config.record_example_ids = False
+  # wd=0: decay would pull the codebook to the origin.
+  config.update(common.training(
+      batch_size=32, total_steps=100, lr=1e-3, wd=0.0, warmup_steps=10, end_lr_fraction=0.1,
+      b2=0.99, eps=1e-8, eval_every=100, checkpoint_every=100))
 
   config.evals = dict(reconstruction=dict(type='reconstruction', batch_size=256,
                                           grid_images=16))

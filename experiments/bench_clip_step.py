@@ -11,7 +11,7 @@ the two alternate block by block, a round is dropped when another process used t
 the median block counts. `--variant` adds our step under config overrides; `--breakdown`
 times forward, forward + backward and the optimizer update separately.
 
-Measured on the 2-core machine (quiet, 8 rounds; README.md has the table):
+Measured on the 2-core machine (quiet, 8 rounds; docs/performance.md has the table):
   tiny   mmjax 1643 ex/s vs transformers 1690: 0.97 (scan_unroll=False: 0.78)
   small  mmjax  753 ex/s vs transformers  640: 1.18 (scan_unroll=False: 0.96)
   tiny, again (12 rounds, a slower day): 1171 vs 1078 ex/s, 1.09; per-round paired ratios
@@ -68,10 +68,10 @@ HF_ACTIVATIONS = {'gelu': 'gelu', 'gelu_tanh': 'gelu_pytorch_tanh', 'quick_gelu'
 
 
 def token_ids_of(tokenizer_name):
-  """`(pad, bos, eot)` of our tokenizers: EOT is the highest id, BOS the next, pad 0."""
+  """`(pad, bos, eot)` ids of one of our tokenizers (`mmjax.data.tokenizers.TOKENIZERS`)."""
   from mmjax.data import tokenizers
-  eot = tokenizers.VOCAB_SIZES[tokenizer_name] - 1
-  return 0, eot - 1, eot
+  tokenizer = tokenizers.TOKENIZERS[tokenizer_name]
+  return tokenizer.pad_id, tokenizer.bos_id, tokenizer.eot_id
 
 
 def hf_config_from_ours(config):

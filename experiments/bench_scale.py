@@ -53,6 +53,7 @@ import numpy as np
 
 from mmjax import config_lib
 from mmjax import sharding
+from mmjax import tasks
 from mmjax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config[:variant].')
@@ -215,7 +216,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   devices = jax.devices()
-  config_lib.validate(config, len(devices))
+  tasks.validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   mesh_shape = dict(mesh.shape)
   print(f'# {sys.argv[0]} {" ".join(sys.argv[1:])}')

@@ -30,8 +30,6 @@ from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
 from mmjax import xla_flags
-from mmjax.convert import hf_directory
-from mmjax.tasks import clip as clip_task
 
 
 def evaluation_mesh(config, devices) -> jax.sharding.Mesh:
@@ -147,8 +145,7 @@ def main(argv):
   if _HF_DIR.value:
     if config is None:
       raise app.UsageError('--hf_dir needs --config (the data, tokenizer and evaluators)')
-    model_kwargs, params = hf_directory.load_hf_directory(_HF_DIR.value)
-    clip_task.set_model_config(config, model_kwargs)
+    params = tasks.task_class(config).import_weights(config, _HF_DIR.value)
   step, metrics, paths = run(_WORKDIR.value, config=config, step=_STEP.value, params=params)
   if distributed.is_chief():
     print(f'evaluated step {step}:')
@@ -166,7 +163,8 @@ if __name__ == '__main__':
   _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step; default: the newest.')
   _DISTRIBUTED = distributed.define_flags()
   _HF_DIR = flags.DEFINE_string(
-      'hf_dir', None, 'Evaluate Hugging Face CLIPModel / SiglipModel weights from this '
-      'save_pretrained directory instead of a checkpoint (results go to --workdir).')
+      'hf_dir', None, 'Evaluate public weights from this directory (the task\'s '
+      '`import_weights`: CLIP / SigLIP read a Hugging Face save_pretrained directory) instead '
+      'of a checkpoint (results go to --workdir).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

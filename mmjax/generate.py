@@ -1,4 +1,4 @@
-"""Sampling from a decoder LM with a KV cache: greedy, temperature, top-k and top-p.
+"""Sampling from a decoder with a KV cache: greedy, temperature, top-k and top-p.
 
 Prompts of different lengths are left padded (`prompt_mask [batch, prompt]`, True on real
 tokens) so that every row's last prompt token sits in the same slot and all rows decode in
@@ -7,25 +7,56 @@ does with left padding), so padding changes no logit. `generate` prefills the pr
 call that writes the cache, then runs one-token decode steps in a `lax.while_loop` that ends
 when every row has emitted a stop token or `max_new_tokens` are out. `generate_without_cache`
 recomputes the whole sequence at every step: the reference that `generate` must match.
-Both also run a `Flamingo` (`mmjax.models.flamingo`) on token prompts and its `media`: the
-decode steps carry each row's count of `<image>` tokens so far, so that a new token reads
-the row's latest image.
 
-Both are jit-compiled with the model and the sampling settings static. Called inside
-`mmjax.sharding.activate(mesh)` with sharded params and inputs, the model's logical
-constraints shard the batch (and the cache) like training.
+The model is any `Decoder` (a flax module; this module imports no model):
+  `model.init_cache(batch, max_len)` -> the empty cache, any pytree (called on the unbound
+    module, inside jit);
+  `decode(tokens=None, *, embeddings=None, context=None, positions, kv_mask, cache=None,
+    cache_index=None)` (a linen method, run as `model.apply(params, ..., method='decode')`)
+    -> `(logits [batch, length, vocab] float32, new cache)`. Exactly one of `tokens [batch,
+    length]` int and `embeddings [batch, length, width]`; `context` is what the model reads
+    besides the text, the same at every call (None for a plain LM, a Flamingo's media, a
+    LLaVA's projected image features); `positions [batch, length]` int; `kv_mask [batch,
+    keys]` bool, True on real keys. With `cache` (`init_cache`'s or an earlier call's) and
+    `cache_index` (int32 scalar, the slot of the call's first token), `keys = max_len` and
+    the call writes its slots; the cache also carries any state of the model's own (e.g. a
+    Flamingo's count of each row's `<image>` tokens). Without a cache the call is the whole
+    sequence (`keys = length`) and returns None for the cache.
+  `embed(tokens [batch, length]) -> [batch, length, width]` (a linen method), how
+    `generate_without_cache` extends `prompt_embeddings`.
+`mmjax.models.decoder.DecoderLM`, `mmjax.models.llava.LLaVA` and `mmjax.models.flamingo`'s
+`Flamingo` and `FlamingoLM` implement it.
+
+Both are jit-compiled with the model and the sampling settings static (the model must hash).
+Called inside `mmjax.sharding.activate(mesh)` with sharded params and inputs, the model's
+logical constraints shard the batch (and the cache) like training.
 """
 
 import dataclasses
 import functools
+from typing import Any, Protocol
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mmjax import sharding
-from mmjax.models import decoder
-from mmjax.models import flamingo
+
+
+class Decoder(Protocol):
+  """What `generate` needs of a model (module docstring): a flax module with these methods."""
+
+  def init_cache(self, batch: int, max_len: int) -> Any:
+    ...
+
+  def decode(self, tokens=None, *, embeddings=None, context=None, positions, kv_mask,
+             cache=None, cache_index=None) -> tuple[jax.Array, Any]:
+    ...
+
+  def embed(self, tokens) -> jax.Array:
+    ...
+
+  def apply(self, variables, *args, method=None, **kwargs) -> Any:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +115,11 @@ def sample(logits, rng, sampling: Sampling):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_inputs(lm, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens, rng,
-                  sampling):
+def _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng, sampling):
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
   if (prompt_tokens is None) == (prompt_embeddings is None):
     raise ValueError('pass exactly one of prompt_tokens and prompt_embeddings')
-  is_flamingo = isinstance(lm, flamingo.Flamingo)
-  if is_flamingo != (media is not None):
-    raise ValueError(f'a Flamingo reads media and a DecoderLM none: got {type(lm).__name__} '
-                     f'with media={None if media is None else media.shape}')
-  if is_flamingo and prompt_embeddings is not None:
-    raise ValueError('a Flamingo takes prompt_tokens, not prompt_embeddings')
   prompt = prompt_tokens if prompt_embeddings is None else prompt_embeddings
   if prompt.shape[:2] != prompt_mask.shape:
     raise ValueError(f'prompt shape {prompt.shape} does not start with prompt_mask shape '
@@ -145,22 +169,10 @@ def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, samp
   return dict(tokens=tokens, lengths=lengths)
 
 
-def _apply(lm, params, tokens, embeddings, media, *, positions, kv_mask, cache=None,
-           cache_index=None, images_before=None):
-  """(logits, updated cache or None) of `lm`: a `DecoderLM`, or a `Flamingo` reading `media`."""
-  if media is None:
-    return lm.apply(params, tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask,
-                    cache=cache, cache_index=cache_index)
-  if cache is None:
-    return lm.apply(params, tokens, media, positions=positions, kv_mask=kv_mask), None
-  return lm.apply(params, tokens, media, positions=positions, kv_mask=kv_mask, cache=cache,
-                  cache_index=cache_index, images_before=images_before, method=lm.decode)
-
-
-def _init_cache(lm, batch: int, max_len: int) -> dict:
-  if isinstance(lm, flamingo.Flamingo):
-    return flamingo.init_cache(lm, batch, max_len)
-  return decoder.init_cache(lm, batch, max_len)
+def _apply(model, params, tokens, embeddings, context, **kwargs):
+  """`model.decode`: (logits `[batch, length, vocab]`, new cache or None)."""
+  return model.apply(params, tokens, embeddings=embeddings, context=context, method='decode',
+                     **kwargs)
 
 
 def _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask):
@@ -183,43 +195,32 @@ def _slots(prompt_mask, max_new_tokens):
 
 
 @functools.partial(
-    jax.jit, static_argnames=('lm', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
-def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, media, rng, *,
-                         lm, max_new_tokens, sampling, stop_tokens, pad_id):
+    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
+def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, context, rng, *,
+                         model, max_new_tokens, sampling, stop_tokens, pad_id):
   batch, prompt_length = prompt_mask.shape
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
-  cache = _init_cache(lm, batch, prompt_length + max_new_tokens)
-
-  def count_images(tokens):
-    """`[batch, l]` -> `[batch]` int32: a Flamingo's `<image>` tokens (a DecoderLM has none),
-    so that each new token reads the latest image of its row."""
-    if media is None:
-      return jnp.zeros(batch, jnp.int32)
-    return jnp.sum(tokens == lm.media_token_id, axis=1, dtype=jnp.int32)
-
-  logits, cache = _apply(lm, params, prompt_tokens, prompt_embeddings, media,
+  cache = model.init_cache(batch, prompt_length + max_new_tokens)
+  logits, cache = _apply(model, params, prompt_tokens, prompt_embeddings, context,
                          positions=positions[:, :prompt_length], kv_mask=kv_mask, cache=cache,
-                         cache_index=0, images_before=jnp.zeros(batch, jnp.int32))
-  images = count_images(prompt_tokens)
+                         cache_index=0)
 
-  def next_logits(state, last_tokens, step):
-    cache, images = state
+  def next_logits(cache, last_tokens, step):
     slot = prompt_length + step - 1
-    logits, cache = _apply(lm, params, last_tokens[:, None], None, media,
+    logits, cache = _apply(model, params, last_tokens[:, None], None, context,
                            positions=jax.lax.dynamic_slice_in_dim(positions, slot, 1, axis=1),
-                           kv_mask=kv_mask, cache=cache, cache_index=slot, images_before=images)
-    return logits[:, 0], (cache, images + count_images(last_tokens[:, None]))
+                           kv_mask=kv_mask, cache=cache, cache_index=slot)
+    return logits[:, 0], cache
 
-  return _decode(logits[:, -1], next_logits, (cache, images), rng=rng,
-                 max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
-                 pad_id=pad_id)
+  return _decode(logits[:, -1], next_logits, cache, rng=rng, max_new_tokens=max_new_tokens,
+                 sampling=sampling, stop_tokens=stop_tokens, pad_id=pad_id)
 
 
 @functools.partial(
-    jax.jit, static_argnames=('lm', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
-def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, media, rng, *,
-                            lm, max_new_tokens, sampling, stop_tokens, pad_id):
+    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
+def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, context, rng,
+                            *, model, max_new_tokens, sampling, stop_tokens, pad_id):
   prompt_length = prompt_mask.shape[1]
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
@@ -229,7 +230,7 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
 
   def logits_at(sequence, slot):
     tokens, embeddings = (sequence, None) if as_tokens else (None, sequence)
-    logits, _ = _apply(lm, params, tokens, embeddings, media, positions=positions,
+    logits, _ = _apply(model, params, tokens, embeddings, context, positions=positions,
                        kv_mask=kv_mask)
     return jax.lax.dynamic_index_in_dim(logits, slot, axis=1, keepdims=False)
 
@@ -237,7 +238,7 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
     slot = prompt_length + step - 1
     new = last_tokens[:, None]
     if not as_tokens:
-      new = lm.apply(params, new, method=lm.embed).astype(sequence.dtype)
+      new = model.apply(params, new, method='embed').astype(sequence.dtype)
     sequence = jax.lax.dynamic_update_slice_in_dim(sequence, new, slot, axis=1)
     return logits_at(sequence, slot), sequence
 
@@ -246,47 +247,49 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
                  pad_id=pad_id)
 
 
-def _call(impl, lm, params, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens,
-          rng, sampling, stop_tokens, pad_id):
-  rng = _check_inputs(lm, prompt_tokens, prompt_embeddings, prompt_mask, media, max_new_tokens,
-                      rng, sampling)
-  return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask, media,
-              rng, lm=lm, max_new_tokens=int(max_new_tokens), sampling=sampling,
+def _call(impl, model, params, prompt_tokens, prompt_embeddings, prompt_mask, context,
+          max_new_tokens, rng, sampling, stop_tokens, pad_id):
+  rng = _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng,
+                      sampling)
+  return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask,
+              context, rng, model=model, max_new_tokens=int(max_new_tokens), sampling=sampling,
               stop_tokens=tuple(int(token) for token in stop_tokens), pad_id=int(pad_id))
 
 
-def generate(lm: nn.Module, params, *, prompt_tokens=None, prompt_embeddings=None, prompt_mask,
-             max_new_tokens: int, rng=None, sampling: Sampling = Sampling(), stop_tokens=(),
-             pad_id: int = 0, media=None) -> dict[str, jax.Array]:
+def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=None, prompt_mask,
+             context=None, max_new_tokens: int, rng=None, sampling: Sampling = Sampling(),
+             stop_tokens=(), pad_id: int = 0) -> dict[str, jax.Array]:
   """Continues left-padded prompts by up to `max_new_tokens` tokens, with a KV cache.
 
   Args:
-    lm: a `DecoderLM`, or a `Flamingo` (with `prompt_tokens` and `media`).
+    model: a `Decoder` (module docstring).
     params: its variables (`{'params': ...}`), boxed with logical axis names or not.
     prompt_tokens: `[batch, prompt]` int token ids, or
     prompt_embeddings: `[batch, prompt, width]` inputs to the decoder stack (e.g. text
-      embeddings with image features spliced in); new tokens are embedded with `lm.embed`.
+      embeddings with image features spliced in); new tokens go in as token ids.
     prompt_mask: `[batch, prompt]` bool, True on real tokens; padding on the left only.
+    context: what the model reads besides the text, passed to every `decode` call (e.g. a
+      Flamingo's media `[batch, images, latents, width]`, a LLaVA's image features `[batch,
+      patches, width]`); None for a plain LM.
     max_new_tokens: how many tokens to sample per row at most.
     rng: key for sampling (unused when greedy).
     sampling: `Sampling` settings.
     stop_tokens: token ids that end a row; the stop token is part of the row's output.
     pad_id: written to the slots after a row has stopped.
-    media: a Flamingo's `[batch, images, latents, width]` (the resampled images); a
-      row's i-th `<image>` token, in the prompt or generated, starts the text of image i.
 
   Returns:
     `tokens [batch, max_new_tokens]` int32 and `lengths [batch]` int32, the number of
     tokens each row emitted (stop token included); `tokens[i, lengths[i]:] == pad_id`.
   """
-  return _call(_generate_with_cache, lm, params, prompt_tokens, prompt_embeddings, prompt_mask,
-               media, max_new_tokens, rng, sampling, stop_tokens, pad_id)
+  return _call(_generate_with_cache, model, params, prompt_tokens, prompt_embeddings,
+               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id)
 
 
-def generate_without_cache(lm: nn.Module, params, *, prompt_tokens=None, prompt_embeddings=None,
-                           prompt_mask, max_new_tokens: int, rng=None,
-                           sampling: Sampling = Sampling(), stop_tokens=(), pad_id: int = 0,
-                           media=None) -> dict[str, jax.Array]:
-  """`generate` without a cache: every step runs the model over the whole sequence."""
-  return _call(_generate_without_cache, lm, params, prompt_tokens, prompt_embeddings,
-               prompt_mask, media, max_new_tokens, rng, sampling, stop_tokens, pad_id)
+def generate_without_cache(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=None,
+                           prompt_mask, context=None, max_new_tokens: int, rng=None,
+                           sampling: Sampling = Sampling(), stop_tokens=(),
+                           pad_id: int = 0) -> dict[str, jax.Array]:
+  """`generate` without a cache: every step runs the model over the whole sequence (new
+  tokens extend `prompt_embeddings` through `model.embed`)."""
+  return _call(_generate_without_cache, model, params, prompt_tokens, prompt_embeddings,
+               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id)

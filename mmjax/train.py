@@ -47,7 +47,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
 def trainable_mask(config, params):
   """Whether each param trains under `config.trainable`: a tree of bools over `params`.
 
-  `config.trainable` (absent or None: every param trains) is a regular expression matched
+  `config.trainable` (None: every param trains) is a regular expression matched
   with `re.fullmatch` against each param's '/'-joined path in the params tree, e.g.
   'projector/fc1/kernel' or 'lm/decoder/blocks/attn/query/kernel' (blocks under `nn.scan`
   are one stacked param); 'projector/.*' trains LLaVA's projector only, '(projector|lm)/.*'
@@ -55,7 +55,7 @@ def trainable_mask(config, params):
   ValueError naming `config.trainable` when the pattern is not a valid regex or matches no
   param.
   """
-  pattern = config.get('trainable')
+  pattern = config['trainable']
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   paths = jax.tree.map_with_path(
       lambda path, _: jax.tree_util.keystr(path, simple=True, separator='/'), params,
@@ -87,8 +87,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config), b1=config.adam.b1, b2=config.adam.b2,
                   eps=config.adam.eps, weight_decay=config.wd, mask=decay_mask,
-                  mu_dtype=config.adam.get('mu_dtype')))
-  if config.get('trainable') is None:
+                  mu_dtype=config.adam.mu_dtype))
+  if config.trainable is None:
     return optimizer
   labels = lambda params: jax.tree.map(lambda trains: 'trainable' if trains else 'frozen',
                                        trainable_mask(config, params))
@@ -228,7 +228,7 @@ def run(config, workdir: str, *, stop_at_step: int | None = None, devices=None):
   stop_at_step: save and return once this step is reached (as if preempted there).
   """
   devices = jax.devices() if devices is None else devices
-  config_lib.validate(config, len(devices))
+  tasks.validate_config(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   is_chief = distributed.is_chief()
   log = print if is_chief else (lambda *args, **kwargs: None)  # Process 0 speaks.

@@ -1,20 +1,12 @@
-"""Process settings that make XLA:CPU train steps faster; call `apply()` before JAX starts.
+"""Process settings for XLA:CPU train steps; call `apply()` before JAX starts.
 
-Measured with `experiments/bench_clip_step.py` (its docstring has the numbers):
+* `tune_malloc()`: glibc keeps XLA:CPU's per-step temporary buffer in the process (one
+  arena, no `mmap` for large blocks, no trimming) instead of mapping and unmapping it every
+  step; numerics are unaffected, and freed memory is kept for reuse rather than returned to
+  the OS (the process stays at its peak).
+* `XLA_FLAGS`: `FLAGS` are appended (none by default).
 
-* `tune_malloc()`: XLA:CPU takes every execution's temporary buffer (66 MB for
-  `configs/clip.py:tiny`) from `malloc` on a runtime thread. glibc serves a request that
-  large from a thread's arena (heaps of at most 64 MB) with a fresh `mmap` and returns it with
-  `munmap` at the end of the step, so each step page-faults its whole working set again:
-  ~21,000 faults and ~40 ms of kernel time per tiny step on the 2-core machine, about a third
-  of the step's CPU time. One arena, no `mmap` for large blocks and no trimming keep those
-  pages in the process, and the faults go away. Numerics are unaffected. The cost: freed
-  memory is kept for reuse rather than returned to the OS (the process stays at its peak).
-* `XLA_FLAGS`: none is added by default (`FLAGS` is empty); every flag tried changed the
-  step time by less than the noise or made it slower (see the benchmark's docstring).
-  `--xla_cpu_use_thunk_runtime=false`, ~18% faster in an older jaxlib, is ignored by
-  jaxlib 0.10 (the thunk runtime is the only one left).
-
+Why and how much: docs/performance.md (measured with `experiments/bench_clip_step.py`).
 Where to call it: first thing in an entry point's `main` (`mmjax.train`, `mmjax.evaluate`,
 benchmarks), before anything imports `jax` or creates threads. Environment variables the
 user has set (`XLA_FLAGS` entries, `MALLOC_*`) win over these defaults.

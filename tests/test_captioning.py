@@ -4,7 +4,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from pycocoevalcap.cider.cider import Cider
 import pytest
@@ -12,10 +11,12 @@ import sacrebleu
 
 from mmjax import sharding
 from mmjax.data import instruct
-from mmjax.data.tokenizer import EOT_ID
+from mmjax.data.tokenizers import ByteLMTokenizer
+from mmjax.data.tokenizers.byte import EOT_ID
+from mmjax.evals import capabilities
 from mmjax.evals import captioning
 
-TOKENIZER = instruct.ByteLMTokenizer()
+TOKENIZER = ByteLMTokenizer()
 REFERENCES = ['A great blue heron.', 'The baby of a gnu.', 'A red fire truck with a ladder.',
               'Two slices of cheese pizza.', 'A big yellow school bus.',
               'An old steam train on a bridge.']
@@ -159,18 +160,14 @@ def test_predictions_do_not_depend_on_mesh_or_batch_size():
   assert len(predictions[0][1]) == 130
 
 
-class _FakeTask:
-  """What the builders read from a task; the model answers from a table of references."""
-
-  def __init__(self, data_dir, seen_batches):
-    self.data_dir = data_dir
-    self.tokenizer = TOKENIZER
-    self.config = ml_collections.ConfigDict(dict(data=dict(image_size=16, num_image_tokens=3)))
-    self._seen = seen_batches
-
-  def answer_fn(self, mesh):
-    del mesh
-    return _fake_answer_fn(self._seen)
+def _fake_task(data_dir, seen_batches):
+  """What the builders get from a task: a `Generator` answering from a table of references,
+  and the eval data format."""
+  offered = capabilities.Capabilities(
+      generator=capabilities.Generator(_fake_answer_fn(seen_batches)))
+  data = capabilities.EvalData(data_dir=data_dir, image_size=16, tokenizer=TOKENIZER,
+                               num_image_tokens=3)
+  return offered, data
 
 
 @pytest.fixture(scope='module')
@@ -182,12 +179,13 @@ def data_dir(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_builders_from_config_on_the_eval_splits(data_dir):
   seen = []
-  task = _FakeTask(data_dir, seen)
-  eval_config = ml_collections.ConfigDict(dict(batch_size=256))
-  captions = captioning.captioning_from_config(eval_config, task, _mesh())
-  qa = captioning.qa_from_config(eval_config, task, _mesh())
+  offered, data = _fake_task(data_dir, seen)
+  captions = captioning.captioning_from_config(offered, data, _mesh(), name='captioning',
+                                               batch_size=256)
+  qa = captioning.qa_from_config(offered, data, _mesh(), name='qa', batch_size=256)
   assert list(captions.splits) == ['tuxpaint_caption']
   assert list(qa.splits) == ['emoji_name', 'emoji_group', 'tuxpaint_category']
   for evaluator in (captions, qa):
@@ -203,5 +201,5 @@ def test_builders_from_config_on_the_eval_splits(data_dir):
   assert captions.run(_answer_table(captions.splits, perfect=True, n_new=200))[
       'tuxpaint_caption/bleu4'] == pytest.approx(100)
   with pytest.raises(ValueError, match='emoji_nam'):
-    captioning.qa_from_config(ml_collections.ConfigDict(dict(batch_size=8, kinds=['emoji_nam'])),
-                              task, _mesh())
+    captioning.qa_from_config(offered, data, _mesh(), name='qa', batch_size=8,
+                              kinds=['emoji_nam'])

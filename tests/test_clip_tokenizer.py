@@ -3,7 +3,7 @@
 The reference is open_clip's `tokenizer.py` (a copy of OpenAI's `clip/simple_tokenizer.py`),
 loaded by file path so that the `open_clip` package `__init__` (models, timm, ...) is not
 imported. Where open_clip's defaults differ from OpenAI's (the special-token strings; see
-the docstring of `mmjax.data.clip_tokenizer`), the expected ids are built from the
+the docstring of `mmjax.data.tokenizers.clip_bpe`), the expected ids are built from the
 reference's ids for the pieces, following OpenAI's rules.
 """
 
@@ -17,10 +17,9 @@ import emoji
 import numpy as np
 import pytest
 
-from mmjax.data import clip_tokenizer
 from mmjax.data import tokenizers
-from mmjax.data.clip_tokenizer import ClipTokenizer
-from mmjax.data.tokenizer import ByteTokenizer
+from mmjax.data.tokenizers import ByteTokenizer, ClipTokenizer
+from mmjax.data.tokenizers import clip_bpe as clip_tokenizer
 
 pytest.importorskip('torch')  # the reference module imports torch at module level
 
@@ -115,6 +114,7 @@ def test_enough_parity_texts():
 
 
 @pytest.mark.parametrize('max_len', [77, 16])
+@pytest.mark.parity
 def test_encode_matches_reference(tok, ref, max_len):
   got = tok.encode(PARITY_TEXTS, max_len)
   want = ref.tokenize(PARITY_TEXTS, context_length=max_len).numpy()
@@ -123,6 +123,7 @@ def test_encode_matches_reference(tok, ref, max_len):
   assert not bad, f'{len(bad)} texts differ, e.g. {bad[:5]!r}'
 
 
+@pytest.mark.parity
 def test_unbounded_ids_match_reference(tok, ref):
   reference = ref.SimpleTokenizer()
   assert reference.clean_fn is ref._clean_lower  # open_clip's default = OpenAI's cleaning
@@ -149,6 +150,7 @@ def test_single_string_and_errors(tok):
     tok.decode(tok.encode(['a', 'b'], 8))
 
 
+@pytest.mark.parity
 def test_special_token_strings_follow_openai(tok, ref):
   """OpenAI's tokenizer reads the literal `<|endoftext|>` as the special id; open_clip's
   reads `<end_of_text>` instead. Ours does what OpenAI's does."""
@@ -168,6 +170,7 @@ def test_decode_round_trip(tok, text):
     assert tok.decode(tok.encode([text], max_len)[0]) == text
 
 
+@pytest.mark.parity
 def test_decode_matches_reference_text(tok, ref):
   reference = ref.SimpleTokenizer()
   for text in PARITY_TEXTS[:100]:

@@ -68,6 +68,7 @@ def _forward(lm, params, tokens, positions, kv_mask):
 
 
 @pytest.mark.parametrize('scan', [True, False])
+@pytest.mark.parity
 def test_logits_match_hf_llama_with_left_padding(hf_model, scan):
   tokens, mask, positions = _left_padded_batch(hf_model.config.vocab_size)
   with torch.no_grad():
@@ -135,7 +136,7 @@ def test_kv_cache_decoding_matches_full_forward(scan):
 
   prompt = 4
   logits, cache = step(params, tokens[:, :prompt], positions[:, :prompt],
-                       decoder.init_cache(lm, tokens.shape[0], tokens.shape[1]), 0)
+                       lm.init_cache(tokens.shape[0], tokens.shape[1]), 0)
   decoded = [logits]
   for slot in range(prompt, tokens.shape[1]):
     logits, cache = step(params, tokens[:, slot:slot + 1], positions[:, slot:slot + 1], cache,

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from mmjax import config_lib
-from mmjax import evals
 from mmjax import sharding
 from mmjax import tasks
 from mmjax.data import pipeline
@@ -64,15 +63,13 @@ def test_top_k_hits_equal_brute_force():
     np.testing.assert_array_equal(zeroshot.top_k_hits(scores, labels, k), expected)
 
 
-class _Tokenizer:
+def _tokenize(texts, max_len=16):
   """Character codes as token ids (enough for a fake text encoder)."""
-
-  def encode(self, texts, max_len):
-    out = np.zeros((len(texts), max_len), np.int32)
-    for row, text in enumerate(texts):
-      codes = [ord(c) % 97 + 1 for c in text[:max_len]]
-      out[row, :len(codes)] = codes
-    return out
+  out = np.zeros((len(texts), max_len), np.int32)
+  for row, text in enumerate(texts):
+    codes = [ord(c) % 97 + 1 for c in text[:max_len]]
+    out[row, :len(codes)] = codes
+  return out
 
 
 def _fake_encoders():
@@ -110,12 +107,12 @@ def test_retrieval_ignores_padding_batching_and_mesh(mesh_axes, batch_size):
   devices = jax.devices()[:int(np.prod(list(mesh_axes.values())))]
   mesh = sharding.make_mesh(mesh_axes, devices)
   evaluator = retrieval.RetrievalEvaluator(
-      encode_image=encode_image, encode_text=encode_text, tokenizer=_Tokenizer(),
-      max_text_len=16, splits={'test': split}, batch_size=batch_size, mesh=mesh)
+      encode_image=encode_image, encode_text=encode_text, tokenize=_tokenize,
+      splits={'test': split}, batch_size=batch_size, mesh=mesh)
   metrics = evaluator.run(params)
 
   images = np.asarray(encode_image(params, split['image']))
-  texts = np.asarray(encode_text(params, _Tokenizer().encode(split['caption'], 16)))
+  texts = np.asarray(encode_text(params, _tokenize(split['caption'])))
   assert metrics['test/num_images'] == metrics['test/num_texts'] == 29
   for k in retrieval.RECALL_AT:
     image_to_text, text_to_image = _brute_force_recall(images, texts, split['text_to_image'], k)
@@ -133,6 +130,7 @@ def test_batched_apply_pads_to_the_mesh_and_drops_padding():
     apply(jnp.float32(2), inputs[:0])
 
 
+@pytest.mark.slow
 def test_retrieval_splits_of_the_real_datasets(tmp_path):
   data_dir = str(tmp_path)
   for name, split_name in (('tuxpaint', 'test'), ('emoji', 'heldout_style')):
@@ -153,8 +151,8 @@ def test_retrieval_rejects_inconsistent_splits():
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
   with pytest.raises(ValueError, match='outside the 29 images'):
     retrieval.RetrievalEvaluator(encode_image=encode_image, encode_text=encode_text,
-                                 tokenizer=_Tokenizer(), max_text_len=16,
-                                 splits={'test': split}, batch_size=8, mesh=mesh)
+                                 tokenize=_tokenize, splits={'test': split}, batch_size=8,
+                                 mesh=mesh)
 
 
 def test_unknown_evaluator_type_is_named(tmp_path):
@@ -162,9 +160,35 @@ def test_unknown_evaluator_type_is_named(tmp_path):
                                   'evals.zeroshot.type': 'zeroshott'})
   mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
   with pytest.raises(ValueError, match=r'config.evals.zeroshot.type=.zeroshott'):
-    evals.build(config.evals, tasks.get_task(config), mesh)
+    tasks.get_task(config).evaluators(mesh)
 
 
+def test_unknown_evaluator_option_and_missing_capability_are_named(tmp_path):
+  config = config_lib.load(TINY, {'data.data_dir': str(tmp_path)})
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  with config.unlocked():
+    config.evals.zeroshot.templatez = 'hand'
+  with pytest.raises(ValueError, match=r'config.evals.zeroshot: .zeroshot. evaluators take no '
+                                       r'option .templatez.'):
+    tasks.get_task(config).evaluators(mesh)
+  with config.unlocked():
+    config.evals = dict(reconstruction=dict(type='reconstruction', batch_size=8))
+  with pytest.raises(ValueError, match=r'config.evals.reconstruction needs the image_tokenizer '
+                                       r"capability; this task offers \['dual_encoder'\]"):
+    tasks.get_task(config).evaluators(mesh)
+
+
+def test_building_a_task_writes_no_data(tmp_path):
+  """A task's modules, params shapes and evaluator data format come without touching disk."""
+  data_dir = tmp_path / 'data'
+  config = config_lib.load(TINY, {'data.data_dir': str(data_dir)})
+  task = tasks.get_task(config)
+  jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  task.eval_data()
+  assert not data_dir.exists()
+
+
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run, xla_flags):
   """A run trained on an fsdp x data mesh of 8, evaluated by `python -m mmjax.evaluate` on 1
   CPU device."""
@@ -192,12 +216,14 @@ def test_checkpoint_from_8_devices_evaluates_on_1_device(tiny_clip_run, xla_flag
   assert missing.returncode != 0 and 'no checkpoint for step 7' in missing.stderr
 
 
+@pytest.mark.parity
+@pytest.mark.slow
 def test_evaluate_imported_hf_clip_equals_torch_zero_shot(tmp_path, xla_flags):
   """`--hf_dir`: a saved HF CLIPModel evaluates to the zero-shot accuracy torch gives."""
   import torch  # pylint: disable=g-import-not-at-top  (the test extra's reference model)
   import transformers  # pylint: disable=g-import-not-at-top
   from mmjax.data import captions, digits
-  from mmjax.data.clip_tokenizer import ClipTokenizer
+  from mmjax.data.tokenizers import ClipTokenizer
 
   torch.manual_seed(0)
   tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -1,6 +1,7 @@
 """Flamingo: gates at 0 give the LM exactly, the media mask, exact zeros before the first
-image, gradients into the gated blocks, the `lm` param tree in both decoder layouts, and
-generation with a KV cache."""
+image, gradients into the gated blocks, the `lm` param tree in both decoder layouts,
+generation with a KV cache, and the assembled model (vision tower, resampler, projection):
+its per-part init and its logits and generations against the gated LM on its media."""
 
 import functools
 
@@ -14,7 +15,10 @@ import pytest
 from mmjax import generate as gen
 from mmjax import train
 from mmjax.models import flamingo
+from mmjax.models import layers
 from mmjax.models.decoder import DecoderLM
+from mmjax.models.resampler import PerceiverResampler
+from mmjax.models.vit import ViT
 
 IMAGE = 63
 LM = dict(vocab_size=64, width=32, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=48)
@@ -36,8 +40,8 @@ def _media(seed, images=IMAGES):
 
 
 def _model(**kwargs):
-  return flamingo.Flamingo(dict(LM, **kwargs.pop('lm', {})), IMAGE, cross_attn_every=2,
-                           **XATTN, **kwargs)
+  return flamingo.FlamingoLM(dict(LM, **kwargs.pop('lm', {})), IMAGE, cross_attn_every=2,
+                             **XATTN, **kwargs)
 
 
 def _logits(params, tokens, media, only_attend_immediate_media=True, lm_scan=True):
@@ -171,8 +175,8 @@ def test_unscanned_language_model_layout_gives_the_same_logits():
   np.testing.assert_allclose(_forward(lm_scan=False)(unscanned, _tokens(), _media(0)),
                              _forward()(params, _tokens(), _media(0)), atol=1e-6, rtol=0)
   with pytest.raises(ValueError, match='cross_attn_every=3 does not divide'):
-    flamingo.Flamingo(LM, IMAGE, cross_attn_every=3).init(jax.random.key(0), _tokens(),
-                                                          _media(0))
+    flamingo.FlamingoLM(LM, IMAGE, cross_attn_every=3).init(jax.random.key(0), _tokens(),
+                                                            _media(0))
 
 
 def test_decoding_with_a_cache_gives_the_logits_of_the_whole_sequence():
@@ -182,15 +186,15 @@ def test_decoding_with_a_cache_gives_the_logits_of_the_whole_sequence():
   tokens, media = _tokens(), _media(0)
   want = np.asarray(_forward()(params, tokens, media))
   decode = jax.jit(functools.partial(model.apply, method=model.decode))
-  cache = flamingo.init_cache(model, len(IMAGE_AT), LENGTH)
+  cache = model.init_cache(len(IMAGE_AT), LENGTH)
   prefill = 5
-  logits, cache = decode({'params': params}, tokens[:, :prefill], media, cache=cache,
-                         cache_index=0, images_before=jnp.zeros(len(IMAGE_AT), jnp.int32))
+  logits, cache = decode({'params': params}, tokens[:, :prefill], context=media, cache=cache,
+                         cache_index=0)
   got = [logits]
   for slot in range(prefill, LENGTH):
-    images_before = jnp.sum(tokens[:, :slot] == IMAGE, axis=1)
-    logits, cache = decode({'params': params}, tokens[:, slot:slot + 1], media, cache=cache,
-                           cache_index=slot, images_before=images_before)
+    np.testing.assert_array_equal(cache['images_seen'], np.sum(tokens[:, :slot] == IMAGE, 1))
+    logits, cache = decode({'params': params}, tokens[:, slot:slot + 1], context=media,
+                           cache=cache, cache_index=slot)
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
 
@@ -209,8 +213,8 @@ def _generate(cached, params, sampling=gen.Sampling()):
   """8 new tokens after `_prompts()`."""
   tokens, mask = _prompts()
   fn = gen.generate if cached else gen.generate_without_cache
-  out = fn(_model(), {'params': params}, prompt_tokens=tokens, prompt_mask=mask, media=_media(0),
-           max_new_tokens=8, rng=jax.random.key(3), sampling=sampling)
+  out = fn(_model(), {'params': params}, prompt_tokens=tokens, prompt_mask=mask,
+           context=_media(0), max_new_tokens=8, rng=jax.random.key(3), sampling=sampling)
   return np.asarray(out['tokens'])
 
 
@@ -238,4 +242,85 @@ def test_generation_needs_media_exactly_for_a_flamingo():
                  max_new_tokens=2)
   with pytest.raises(ValueError, match='a Flamingo reads media'):
     gen.generate(DecoderLM(**LM), {'params': _initial_params()['lm']}, prompt_tokens=tokens,
-                 prompt_mask=mask, media=_media(0), max_new_tokens=2)
+                 prompt_mask=mask, context=_media(0), max_new_tokens=2)
+
+
+VISION = dict(patch_size=4, width=MEDIA_WIDTH, depth=1, num_heads=2)
+PERCEIVER = dict(num_latents=LATENTS, depth=1, num_heads=2, head_dim=8)
+
+
+def _assembled(vision_width=MEDIA_WIDTH):
+  return flamingo.Flamingo(dict(VISION, width=vision_width), PERCEIVER, LM, IMAGE,
+                           cross_attn_every=2, **XATTN)
+
+
+def _images(seed):
+  shape = (len(IMAGE_AT), IMAGES, 8, 8, 3)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize('vision_width', [MEDIA_WIDTH, LM['width']],
+                         ids=['media_projection', 'same_width'])
+@pytest.mark.slow
+def test_assembled_init_is_each_part_initialised_on_its_own(vision_width):
+  """`Flamingo.init_params` gives bitwise the params of the recipe trained runs were
+  initialised with: the rng split in 4, each part initialised alone on zeros."""
+  model, rng = _assembled(vision_width), jax.random.key(5)
+  got = jax.jit(lambda rng: nn.unbox(model.init_params(rng, _images(0), _tokens())))(rng)
+
+  @jax.jit
+  def per_part(rng):
+    vision_rng, resampler_rng, projection_rng, text_rng = jax.random.split(rng, 4)
+    vision = ViT(**dict(VISION, width=vision_width), pool='none')
+    params = {'vision_tower': vision.init(vision_rng, jnp.zeros((1, 8, 8, 3)))['params']}
+    patches = (8 // VISION['patch_size']) ** 2
+    params['resampler'] = PerceiverResampler(**PERCEIVER).init(
+        resampler_rng, jnp.zeros((1, 1, patches, vision_width)))['params']
+    if vision_width != LM['width']:
+      params['media_projection'] = layers.Dense(LM['width'], ('embed', None)).init(
+          projection_rng, jnp.zeros((1, 1, LATENTS, vision_width)))['params']
+    params.update(_model().init(text_rng, jnp.zeros((1, LENGTH), jnp.int32),
+                                jnp.zeros((1, 1, LATENTS, LM['width'])))['params'])
+    return nn.unbox(params)
+
+  want = per_part(rng)
+  parts = {'vision_tower', 'resampler', 'lm', 'gated_xattn'}
+  assert set(got) == parts | ({'media_projection'} if vision_width != LM['width'] else set())
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # The model's own tree (what `apply` reads) is that tree.
+  shapes = jax.eval_shape(model.init, rng, _images(0), _tokens())['params']
+  assert jax.tree.map(np.shape, nn.unbox(shapes)) == jax.tree.map(np.shape, got)
+
+
+@pytest.mark.slow
+def test_assembled_model_is_the_gated_lm_on_its_media():
+  """Logits and generations of `Flamingo` are `FlamingoLM`'s on media made by hand: vision
+  features (class token dropped), resampler, projection."""
+  model, images = _assembled(), _images(1)
+  params = _randomized(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images,
+                                               _tokens()))['params'], gate=0.1, seed=2)
+  params['lm'] = _initial_params()['lm']  # the LM at init, as in the tests above
+  vision = ViT(**VISION, pool='none')
+  _, vision_tokens = vision.apply({'params': params['vision_tower']},
+                                  images.reshape((-1, 8, 8, 3)))
+  patch_tokens = vision_tokens[:, 1:]  # the class token dropped
+  features = patch_tokens.reshape(images.shape[:2] + patch_tokens.shape[1:])
+  media = PerceiverResampler(**PERCEIVER).apply({'params': params['resampler']}, features)
+  media = layers.Dense(LM['width'], ('embed', None)).apply(
+      {'params': params['media_projection']}, media)
+  text_params = {'lm': params['lm'], 'gated_xattn': params['gated_xattn']}
+  np.testing.assert_allclose(model.apply({'params': params}, images, method=model.media), media,
+                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(
+      jax.jit(model.apply)({'params': params}, images, _tokens()),
+      jax.jit(_model().apply)({'params': text_params}, _tokens(), media), atol=1e-5, rtol=0)
+  tokens, mask = _prompts()
+  generated = {}
+  for name, decoder, variables in (('assembled', model, {'params': params}),
+                                   ('gated_lm', _model(), {'params': text_params})):
+    generated[name] = np.asarray(gen.generate(
+        decoder, variables, prompt_tokens=tokens, prompt_mask=mask, context=media,
+        max_new_tokens=8)['tokens'])
+  np.testing.assert_array_equal(generated['assembled'], generated['gated_lm'])
+  assert len(np.unique(generated['assembled'])) > 2

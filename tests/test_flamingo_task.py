@@ -1,6 +1,6 @@
 """The Flamingo task in the training loop: interleaved rows, only the resampler and gated blocks
 train (LM and vision bitwise frozen), a sharded loss equal to one device, and the few-shot
-ranking evaluator."""
+ranking evaluator. The research curricula: test_flamingo_curricula.py."""
 
 import json
 import os
@@ -16,8 +16,8 @@ from mmjax import train
 from mmjax.data import instruct
 from mmjax.data import interleaved
 from mmjax.data import pipeline
+from mmjax.data.tokenizers import ByteLMTokenizer
 from mmjax.evals import fewshot
-from mmjax.tasks import flamingo as flamingo_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAMINGO_TINY = os.path.join(REPO, 'configs', 'flamingo.py') + ':tiny'
@@ -37,13 +37,13 @@ def flamingo_config(data_dir, **overrides):
 def _first_batch(data_dir, global_batch_size=16, **options):
   """The first batch of an interleaved train stream of 4-chunk rows with `options`."""
   return next(interleaved.train_iterator(
-      data_dir, tokenizer=instruct.ByteLMTokenizer(), images_per_sequence=4, max_len=160,
+      data_dir, tokenizer=ByteLMTokenizer(), images_per_sequence=4, max_len=160,
       image_size=8, global_batch_size=global_batch_size, seed=0, **options))
 
 
 def _train_names(data_dir) -> list[str]:
   """The name of every example of the emoji train split."""
-  return [x['name'] for x in instruct.split_texts('emoji', 'train', data_dir)]
+  return [x['name'] for x in pipeline.split_texts('emoji', 'train', data_dir)]
 
 
 def _flat(params):
@@ -71,7 +71,7 @@ def _train_on_one_batch(config, steps, mesh_axes=None):
 
 
 def test_interleaved_rows(data_dir):
-  tokenizer = instruct.ByteLMTokenizer()
+  tokenizer = ByteLMTokenizer()
   row = interleaved.sequence(tokenizer, ['cat', 'dog'], max_len=48)
   text = lambda s: list(tokenizer.encode_text(s))
   image, eoc = tokenizer.image_id, interleaved.EOC_ID
@@ -120,196 +120,6 @@ def test_repeated_things_in_other_drawings(data_dir):
   assert new_drawings == repeats  # a drawing shows again only when all of them were used
 
 
-def test_made_up_names_replace_every_name_consistently(data_dir):
-  tokenizer = instruct.ByteLMTokenizer()
-  made_up = interleaved.with_made_up_names(['cat', 'dog', 'cat', 'owl'],
-                                           np.random.default_rng(0))
-  assert made_up[0] == made_up[2] and len(set(made_up)) == 3
-  assert not {'cat', 'dog', 'owl'} & set(made_up)
-
-  plain = _first_batch(data_dir, repeat_prob=0.5, made_up_prob=0.0)
-  all_made_up = _first_batch(data_dir, repeat_prob=0.5, made_up_prob=1.0)
-  train_names = _train_names(data_dir)
-  for key in ('example_id', 'image'):  # the same things and drawings, only renamed
-    np.testing.assert_array_equal(plain[key], all_made_up[key])
-  for plain_row, row, ids in zip(plain['tokens'], all_made_up['tokens'],
-                                 all_made_up['example_id']):
-    assert plain_row.tolist() == interleaved.sequence(
-        tokenizer, [train_names[i] for i in ids], 160)['tokens'].tolist()
-    texts = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1:]
-    names = [text.rstrip('.') for text in texts]
-    assert len(names) == 4 and not set(names) & set(train_names)
-    for i in range(4):  # one made-up name per thing
-      for j in range(4):
-        assert (names[i] == names[j]) == (train_names[ids[i]] == train_names[ids[j]])
-
-
-def test_only_the_last_chunk_repeats(data_dir):
-  names = ['cat', 'dog', 'cat', 'owl', 'dog', 'emu', 'owl']
-  by_name = interleaved.examples_by_name(names)
-  rng = np.random.default_rng(0)
-  repeated = set()
-  for _ in range(20):  # the last shows one of the first three things in its other drawing
-    indices = interleaved.with_repeats([0, 1, 3, 5], rng, names=names, by_name=by_name,
-                                       repeat_prob=1.0, last_only=True)
-    np.testing.assert_array_equal(indices[:3], [0, 1, 3])
-    repeated.add(int(indices[3]))
-  assert repeated == {2, 4, 6}
-
-  example_ids = lambda repeat_prob: _first_batch(
-      data_dir, global_batch_size=64, repeat_prob=repeat_prob,
-      repeat_last_only=True)['example_id']
-  train_names = _train_names(data_dir)
-  ids = example_ids(0.5)
-  np.testing.assert_array_equal(ids[:, :3], example_ids(0.0)[:, :3])
-  distinct_before_last = [len({train_names[i] for i in row[:3]}) for row in ids]
-  last_repeats = [train_names[row[3]] in {train_names[i] for i in row[:3]} for row in ids]
-  assert np.mean(distinct_before_last) > 2.9  # the stream's own, not repeats
-  assert 0.3 < np.mean(last_repeats) < 0.7, np.mean(last_repeats)
-
-
-def test_repeats_in_the_same_drawing(data_dir):
-  names = ['cat', 'dog', 'cat', 'owl', 'dog', 'emu', 'owl']
-  by_name = interleaved.examples_by_name(names)
-  rng = np.random.default_rng(0)
-  last = lambda p: int(interleaved.with_repeats(
-      [0, 1, 3, 5], rng, names=names, by_name=by_name, repeat_prob=1.0, last_only=True,
-      same_drawing_prob=p)[3])
-  assert {last(1.0) for _ in range(20)} == {0, 1, 3}  # the earlier chunk's own drawing
-  mixed = [last(0.5) for _ in range(400)]
-  assert set(mixed) == {0, 1, 3, 2, 4, 6}
-  assert 0.4 < np.mean([i in (0, 1, 3) for i in mixed]) < 0.6
-
-  train_names = _train_names(data_dir)
-  ids = _first_batch(data_dir, global_batch_size=64, repeat_prob=1.0, repeat_last_only=True,
-                     same_drawing_prob=1.0)['example_id']
-  assert all(row[3] in row[:3] for row in ids)
-  with pytest.raises(ValueError, match='same_drawing_prob'):
-    _first_batch(data_dir, same_drawing_prob=1.5)
-
-
-def test_cues_say_which_chunks_show_one_thing(data_dir):
-  cues = interleaved.with_cues(['cat', 'dog', 'cat', 'owl'], np.random.default_rng(0))
-  assert cues[0] == cues[2] and len(set(cues)) == 3 and all(c.isdigit() for c in cues)
-
-  tokenizer = instruct.ByteLMTokenizer()
-  row = interleaved.sequence(tokenizer, ['cat', 'dog'], max_len=48, cues=['3', '5'])
-  text = lambda s: list(tokenizer.encode_text(s))
-  image, eoc = tokenizer.image_id, interleaved.EOC_ID
-  ids = ([257, image] + text('3 an emoji of cat.') + [eoc, image] + text('5 an emoji of dog.')
-         + [eoc])
-  np.testing.assert_array_equal(row['tokens'][:len(ids)], ids)
-  weighted = row['targets'][row['loss_weights'] == 1]  # the cues and their spaces are not
-  np.testing.assert_array_equal(weighted, text('an emoji of cat.') + [eoc]
-                                + text('an emoji of dog.') + [eoc])
-  # cue_at='name': the cue right before the name, which the cue predicts.
-  row = interleaved.sequence(tokenizer, ['cat', 'dog'], max_len=48, cues=['3', '5'],
-                             cue_at='name')
-  ids = ([257, image] + text('an emoji of 3cat.') + [eoc, image] + text('an emoji of 5dog.')
-         + [eoc])
-  np.testing.assert_array_equal(row['tokens'][:len(ids)], ids)
-  np.testing.assert_array_equal(row['targets'][row['loss_weights'] == 1], weighted)
-  assert row['loss_weights'][ids.index(text('3')[0])] == 1  # 'c' after the cue is weighted
-  with pytest.raises(ValueError, match="cue_at='caption'"):
-    interleaved.sequence(tokenizer, ['cat'], max_len=48, cues=['3'], cue_at='caption')
-
-  plain = _first_batch(data_dir, repeat_prob=0.5, cue_prob=0.0)
-  cued = _first_batch(data_dir, repeat_prob=0.5, cue_prob=1.0)
-  train_names = _train_names(data_dir)
-  for key in ('example_id', 'image'):  # the same things and drawings, only cued
-    np.testing.assert_array_equal(plain[key], cued[key])
-  for row, ids in zip(cued['tokens'], cued['example_id']):
-    # '3 an emoji of cat.5 an emoji of dog.': each cue stands before ' an emoji of '.
-    chunk_cues = [part[-1] for part in
-                  tokenizer.decode([t for t in row if t < 256]).split(' an emoji of ')[:4]]
-    for i in range(4):  # one cue per thing
-      for j in range(4):
-        assert (chunk_cues[i] == chunk_cues[j]) == (train_names[ids[i]] == train_names[ids[j]])
-
-
-def test_per_thing_cues_leave_repeats_to_the_picture(data_dir):
-  cues = interleaved.thing_cues(['cat', 'dog', 'cat', 'owl', 'dog'])
-  assert cues[2] is None and cues[4] is None  # repeats: uncued
-  assert cues[:2] + cues[3:4] == interleaved.thing_cues(['cat', 'dog', 'owl'])  # per thing
-  assert all(c.isdigit() for c in cues[:2] + cues[3:4])
-
-  tokenizer = instruct.ByteLMTokenizer()
-  train_names = _train_names(data_dir)
-  batch = _first_batch(data_dir, global_batch_size=32, repeat_prob=0.5, made_up_prob=1.0,
-                       cue_prob=1.0, cue_at='name', cue_digits='per_thing')
-  digit_of = {}  # across sequences, a thing (by its real name) keeps its digit
-  for row, ids in zip(batch['tokens'], batch['example_id']):
-    captions = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1:]
-    for j, caption in enumerate(captions):
-      thing = train_names[ids[j]]
-      if thing in [train_names[i] for i in ids[:j]]:
-        assert not caption[0].isdigit(), caption  # a repeat: only its picture says which
-      else:
-        assert digit_of.setdefault(thing, caption[0]) == caption[0]
-  assert len(set(digit_of.values())) > 5
-  with pytest.raises(ValueError, match="cue_digits='per_name'"):
-    _first_batch(data_dir, cue_prob=1.0, cue_digits='per_name')
-
-  # A table of digits (data.cue_table: things that look alike share one) instead of the hash.
-  assert interleaved.thing_cues(['cat', 'dog', 'cat'], {'cat': '7', 'dog': '7'}) == [
-      '7', '7', None]
-  table = {name: str(len(name) % 10) for name in train_names}
-  batch = _first_batch(data_dir, repeat_prob=0.5, cue_prob=1.0, cue_at='name',
-                       cue_digits='per_thing', thing_digits=table)
-  for row, ids in zip(batch['tokens'], batch['example_id']):
-    caption = tokenizer.decode([t for t in row if t < 256]).split('an emoji of ')[1]
-    assert caption[0] == table[train_names[ids[0]]]
-  del table[train_names[0]]
-  with pytest.raises(ValueError, match='thing_digits has no digit for 1 train names'):
-    _first_batch(data_dir, cue_prob=1.0, cue_digits='per_thing', thing_digits=table)
-
-
-def test_cue_table_must_hold_digits(tmp_path):
-  path = tmp_path / 'cues.json'
-  path.write_text(json.dumps({'cat': '3', 'dog': '3'}))
-  assert flamingo_task.load_cue_table(str(path)) == {'cat': '3', 'dog': '3'}
-  assert flamingo_task.load_cue_table('') is None
-  path.write_text(json.dumps({'cat': '3', 'dog': 12}))
-  with pytest.raises(ValueError, match="1 values are not one digit, e.g. \\[\\('dog', 12\\)"):
-    flamingo_task.load_cue_table(str(path))
-
-
-def test_cued_fewshot_rows_cue_the_answer(data_dir):
-  """With `cued`, each demonstration carries its name's cue digit and the query its answer's:
-  the shown answer's cue when a demonstration shows it, else a digit no demonstration has;
-  after `<image>` (cue_at='image') or right before the name (cue_at='name')."""
-  tokenizer = instruct.ByteLMTokenizer()
-  options = dict(tokenizer=tokenizer, shots=(2,), num_queries=8, num_candidates=4,
-                 image_size=8, names='unseen')
-  plain = interleaved.load_fewshot(data_dir, **options)[2]
-  cued = interleaved.load_fewshot(data_dir, cued=True, **options)[2]
-  at_name = interleaved.load_fewshot(data_dir, cued=True, cue_at='name', **options)[2]
-  assert 0 < cued['answer_shown'].sum() < 8
-  for key in ('image', 'answer', 'candidates', 'demonstrations', 'answer_shown'):
-    np.testing.assert_array_equal(np.asarray(plain[key], object), np.asarray(cued[key], object))
-  for q, (answer, demos) in enumerate(zip(cued['answer'], cued['demonstrations'])):
-    row = cued['tokens'][q * 4 + cued['answer_index'][q]]
-    parts = tokenizer.decode([t for t in row if t < 256]).split(' an emoji of ')
-    demo_cues, query_cue = [part[-1] for part in parts[:2]], parts[2][-1]
-    assert all(c.isdigit() for c in demo_cues + [query_cue])
-    assert (demo_cues[0] == demo_cues[1]) == (demos[0] == demos[1])
-    if answer in demos:
-      assert query_cue == demo_cues[demos.index(answer)]
-    else:
-      assert query_cue not in demo_cues
-    # The weighted targets are ' <answer>.' as without cues.
-    weighted = row[1:][cued['loss_weights'][q * 4 + cued['answer_index'][q]][:-1] == 1]
-    assert tokenizer.decode(weighted) == f' {answer.lower()}.'
-
-    # cue_at='name': the same cues, each right before its name; the answer follows the cue.
-    row = at_name['tokens'][q * 4 + at_name['answer_index'][q]]
-    expected = ''.join(f'an emoji of {cue}{name}.'
-                       for cue, name in zip(demo_cues + [query_cue], demos + [answer]))
-    assert tokenizer.decode([t for t in row if t < 256]) == expected.lower()
-    weighted = row[1:][at_name['loss_weights'][q * 4 + at_name['answer_index'][q]][:-1] == 1]
-    assert tokenizer.decode(weighted) == f'{answer.lower()}.'
-
-
 @pytest.fixture(scope='module')
 def config(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
@@ -323,6 +133,7 @@ def one_device_run(config):
   return _train_on_one_batch(config, steps=6)
 
 
+@pytest.mark.slow
 def test_only_resampler_and_gated_blocks_train(one_device_run):
   before, after, losses, *_ = one_device_run
   part = lambda name: name.split("'")[1]
@@ -337,6 +148,7 @@ def test_only_resampler_and_gated_blocks_train(one_device_run):
   assert losses[-1] < losses[0] - 0.05, losses
 
 
+@pytest.mark.slow
 def test_sharded_loss_equals_one_device(config, one_device_run):
   ref_losses = one_device_run[2][:3]
   losses = _train_on_one_batch(config, steps=3, mesh_axes=dict(data=2, fsdp=2, tensor=2))[2]
@@ -344,6 +156,7 @@ def test_sharded_loss_equals_one_device(config, one_device_run):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fewshot_evaluator_runs(one_device_run):
   *_, trainer, mesh, state = one_device_run
   evaluator = trainer.task.evaluators(mesh)['fewshot']
@@ -435,6 +248,7 @@ def test_fewshot_counts_which_demonstration_is_named():
   assert metrics['2shot/picked_last_shown'] == pytest.approx(1 / 4)
 
 
+@pytest.mark.slow
 def test_generation_prompts_are_the_rows_before_the_names(one_device_run):
   """Each query's prompt, left padded, is its rows' common start: followed by ' <answer>.'
   it is the answer's ranking row."""
@@ -457,7 +271,7 @@ def test_generation_prompts_are_the_rows_before_the_names(one_device_run):
 def test_fewshot_generation_scores_the_written_name(tmp_path):
   """A model that always writes ' Cat.': right where the answer is cat, a shown name where a
   demonstration is cat (4 queries x 3 candidates, 2 demonstrations, batches of 3)."""
-  tokenizer = instruct.ByteLMTokenizer()
+  tokenizer = ByteLMTokenizer()
   candidates = [['cat', 'dog', 'owl'], ['ant', 'bee', 'cat'], ['fox', 'elk', 'yak'],
                 ['pig', 'cow', 'cat']]
   answer_index = np.array([0, 2, 1, 0])
@@ -491,6 +305,7 @@ def test_fewshot_generation_scores_the_written_name(tmp_path):
                                 'demonstrations': ['ant', 'cat']}
 
 
+@pytest.mark.slow
 def test_fewshot_generation_runs_on_the_model(one_device_run):
   *_, trainer, mesh, state = one_device_run
   metrics = trainer.task.evaluators(mesh)['fewshot_generated_unseen'].run(state['params'])
@@ -515,7 +330,7 @@ def test_retrieved_demonstrations_are_the_most_similar_candidate_drawings():
       support_image=lambda i: images(train[i])[0])
   embed = lambda params, x: x[:, 0, 0] / jnp.linalg.norm(x[:, 0, 0], axis=-1, keepdims=True)
   retrieved = fewshot.RetrievedDemonstrations(
-      queries=queries, tokenizer=instruct.ByteLMTokenizer(), shots=(1, 3), embed_fn=embed,
+      queries=queries, tokenizer=ByteLMTokenizer(), shots=(1, 3), embed_fn=embed,
       mesh=sharding.make_mesh(dict(data=1), jax.devices()[:1]), batch_size=4)
   assert [list(d) for d in retrieved.demonstrations(None, 1)] == [[2]]
   assert [list(d) for d in retrieved.demonstrations(None, 3)] == [[4, 0, 2]]

@@ -1,9 +1,12 @@
 """`mmjax.generate`: the KV-cache decode loop against recomputing the whole sequence, stop
-tokens, the samplers' distributions, sharded against one device, and greedy decoding
-against Hugging Face `LlamaForCausalLM.generate` on left-padded prompts.
+tokens, the samplers' distributions, sharded against one device, greedy decoding against
+Hugging Face `LlamaForCausalLM.generate` on left-padded prompts, and that it knows no model
+family (the decoder protocol; Flamingo and LLaVA run it in their own tests).
 """
 
+import ast
 import functools
+import inspect
 import os
 
 os.environ['HF_HUB_OFFLINE'] = '1'
@@ -173,6 +176,7 @@ def test_sharded_matches_one_device():
   np.testing.assert_array_equal(out['lengths'], run(True, SAMPLED)['lengths'])
 
 
+@pytest.mark.parity
 def test_greedy_matches_transformers_generate():
   torch.manual_seed(0)
   hf_config = transformers.LlamaConfig(
@@ -199,3 +203,15 @@ def test_greedy_matches_transformers_generate():
   assert 0 < stopped.sum() < len(stopped)  # some rows stopped, others ran all 32 tokens
   first_eos = np.argmax(hf_tokens == hf_config.eos_token_id, axis=1)
   np.testing.assert_array_equal(ours['lengths'], np.where(stopped, first_eos + 1, 32))
+
+
+def test_generate_imports_no_model():
+  """`generate` runs any `Decoder`: it imports no model module to branch on."""
+  imported = set()
+  for node in ast.walk(ast.parse(inspect.getsource(gen))):
+    if isinstance(node, ast.Import):
+      imported |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      imported |= {f'{node.module}.{alias.name}' for alias in node.names}
+  assert 'mmjax.sharding' in imported  # the walk sees the imports
+  assert not [name for name in imported if name.startswith('mmjax.models')], imported

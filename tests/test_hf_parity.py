@@ -20,8 +20,10 @@ import transformers  # noqa: E402
 from mmjax.convert import hf_clip  # noqa: E402
 from mmjax.convert import hf_directory  # noqa: E402
 from mmjax.convert import hf_siglip  # noqa: E402
-from mmjax.data.tokenizer import ByteTokenizer  # noqa: E402
+from mmjax.data.tokenizers import ByteTokenizer  # noqa: E402
 from mmjax.models.clip import CLIP  # noqa: E402
+
+pytestmark = pytest.mark.parity
 
 CAPTIONS = ['a red square', 'two small blue circles on a white page', 'x']
 TOKENIZER = ByteTokenizer()

@@ -11,10 +11,12 @@ import pytest
 
 from mmjax.data import emoji
 from mmjax.data import instruct
+from mmjax.data import pipeline
 from mmjax.data import tuxpaint
-from mmjax.data.tokenizer import BOS_ID, EOT_ID, PAD_ID
+from mmjax.data.tokenizers import ByteLMTokenizer
+from mmjax.data.tokenizers.byte import BOS_ID, EOT_ID, IMAGE_ID, PAD_ID
 
-TOKENIZER = instruct.ByteLMTokenizer()
+TOKENIZER = ByteLMTokenizer()
 ALL_KINDS = list(instruct.QUESTION_KINDS)
 
 
@@ -38,7 +40,7 @@ def _take(it, n):
 
 
 def _records(data_dir, dataset, split):
-  source = instruct.split_source(dataset, split, data_dir)
+  source = pipeline.split_source(dataset, split, data_dir)
   return [source[i] for i in range(len(source))]
 
 
@@ -46,7 +48,7 @@ def test_tokenizer_ids_and_decoding():
   assert (TOKENIZER.vocab_size, TOKENIZER.image_id, TOKENIZER.eos_id) == (260, 259, EOT_ID)
   ids = TOKENIZER.encode_text('Hi É')
   assert ids.tolist() == [b + 1 for b in 'hi é'.encode()]
-  row = [PAD_ID, BOS_ID, instruct.IMAGE_ID, *ids, EOT_ID, *TOKENIZER.encode_text('junk')]
+  row = [PAD_ID, BOS_ID, IMAGE_ID, *ids, EOT_ID, *TOKENIZER.encode_text('junk')]
   assert TOKENIZER.decode(row) == 'hi é'
   assert TOKENIZER.decode(TOKENIZER.encode(['Two words'], 16)[0]) == 'two words'
 
@@ -65,8 +67,8 @@ def test_training_rows_layout_and_loss_weights(num_image_tokens):
   prompt = instruct.prompt_ids(TOKENIZER, 'What is this?', num_image_tokens)
   for row, answer in enumerate(answers):
     assert tokens[row, 0] == BOS_ID
-    assert (tokens[row, 1:1 + num_image_tokens] == instruct.IMAGE_ID).all()
-    assert (tokens[row, 1 + num_image_tokens:] != instruct.IMAGE_ID).all()
+    assert (tokens[row, 1:1 + num_image_tokens] == IMAGE_ID).all()
+    assert (tokens[row, 1 + num_image_tokens:] != IMAGE_ID).all()
     assert TOKENIZER.decode(tokens[row]) == f'question: what is this? answer: {answer.lower()}'
     length = len(prompt) + len(answer.encode()) + 1
     np.testing.assert_array_equal(tokens[row, :len(prompt)], prompt)
@@ -171,7 +173,7 @@ def test_kind_weights_and_text_only_rows(data_dir):
   kinds = collections.Counter(ALL_KINDS[k] for b in batches for k in b['kind'])
   assert kinds == {'emoji_name': 24, 'tuxpaint_category': 8}
   for batch in batches:
-    assert not (batch['tokens'] == instruct.IMAGE_ID).any()
+    assert not (batch['tokens'] == IMAGE_ID).any()
     assert (batch['tokens'][:, 1:11] == TOKENIZER.encode_text('question: ')).all()
 
 

@@ -92,6 +92,7 @@ def test_config_from_hf(name):
 
 
 @pytest.mark.parametrize('name', HF_CONFIGS)
+@pytest.mark.parity
 def test_logits_match_hf(name):
   model, config, params = converted(name)
   rng = np.random.default_rng(0)
@@ -110,6 +111,7 @@ def test_logits_match_hf(name):
   assert np.abs(np.asarray(other) - want)[:, -7:].max() > 0.1
 
 
+@pytest.mark.parity
 def test_greedy_generation_matches_hf():
   model, config, params = converted('mlp_projector_gqa')
   rng = np.random.default_rng(1)
@@ -133,6 +135,35 @@ def test_greedy_generation_matches_hf():
       max_new_tokens=new_tokens, stop_tokens=(EOS,), pad_id=PAD)
   np.testing.assert_array_equal(np.asarray(got['tokens']), want)
   assert int(np.max(got['lengths'])) == new_tokens
+  # LLaVA itself as the decoder: token prompts, the image features as context.
+  features = jax.jit(functools.partial(llava.apply, method=llava.image_features))(
+      {'params': params}, jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+  for fn in (generate.generate, generate.generate_without_cache):
+    got = fn(llava, {'params': params}, prompt_tokens=jnp.asarray(ids), context=features,
+             prompt_mask=jnp.asarray(mask, bool), max_new_tokens=new_tokens, stop_tokens=(EOS,),
+             pad_id=PAD)
+    np.testing.assert_array_equal(np.asarray(got['tokens']), want, err_msg=fn.__name__)
+
+
+def test_decoding_with_a_cache_splices_the_features_across_calls():
+  """A prefill that ends among the image tokens, then one token per call: the cache's count
+  of image tokens places each later feature, and the logits are those of the whole rows."""
+  _, config, params = converted('mlp_projector_gqa')
+  llava = LLaVA(**config)
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  tokens = jnp.asarray(_prompts(rng, (7, 7), 26)[0], jnp.int32)  # no padding
+  want = jax.jit(llava.apply)({'params': params}, images, tokens)
+  features = jax.jit(functools.partial(llava.apply, method=llava.image_features))(
+      {'params': params}, images)
+  decode = jax.jit(functools.partial(llava.apply, method=llava.decode))
+  cache, got = llava.init_cache(2, tokens.shape[1]), []
+  for start, stop in [(0, 10)] + [(slot, slot + 1) for slot in range(10, tokens.shape[1])]:
+    logits, cache = decode({'params': params}, tokens[:, start:stop], context=features,
+                           cache=cache, cache_index=start)
+    got.append(logits)
+  np.testing.assert_array_equal(cache['image_tokens_seen'], [PATCHES, PATCHES])
+  np.testing.assert_allclose(np.concatenate(got, axis=1), want, rtol=0, atol=1e-4)
 
 
 def test_vision_params_from_clip():

@@ -10,6 +10,7 @@ import pytest
 
 from mmjax import config_lib
 from mmjax import sharding
+from mmjax import tasks
 from mmjax import train
 from mmjax.tasks import pretrained
 
@@ -57,6 +58,7 @@ def _changed(before, after):
 
 @pytest.mark.parametrize('stage, trained_parts', [('stage1', {'projector'}),
                                                   ('stage2', {'projector', 'lm'})])
+@pytest.mark.slow
 def test_stage_trains_only_its_parts(data_dir, stage, trained_parts):
   before, after, losses = _train(llava_config(data_dir, stage), steps=3)
   changed = _changed(before, after)
@@ -68,6 +70,7 @@ def test_stage_trains_only_its_parts(data_dir, stage, trained_parts):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
   config = llava_config(data_dir, **{'model.language_model.num_kv_heads': 2})
@@ -87,6 +90,7 @@ def _run_to_checkpoint(config, workdir):
   return workdir
 
 
+@pytest.mark.slow
 def test_parts_load_from_our_runs(data_dir, tmp_path):
   # A CLIP run whose image tower has one block more than the LLaVA vision tower.
   clip_config = config_lib.load(CLIP_TINY, {
@@ -113,7 +117,7 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
   assert any(name.startswith("['vision_tower']['transformer']") for name in loaded)
   # A workdir without the wanted part is named in the error.
   init = lambda **paths: config_dict.ConfigDict(
-      dict(dict(vision_from='', lm_from='', params_from=''), **paths))
+      dict(dict(vision_from='', lm_from='', params_from='', params_parts=''), **paths))
   with pytest.raises(ValueError, match=r"init.lm_from=.*clip.* holds no LM"):
     pretrained.init_parts(init(lm_from=clip_dir))
   with pytest.raises(ValueError, match='init.vision_from=.*lm.* holds no CLIP image tower'):
@@ -150,6 +154,7 @@ def _read(workdir):
   return pretrained.newest_params(workdir)
 
 
+@pytest.mark.slow
 def test_mismatched_pretrained_part_names_the_param(data_dir, tmp_path):
   clip_config = config_lib.load(CLIP_TINY, {
       'data.data_dir': data_dir, 'evals': {}})
@@ -161,6 +166,6 @@ def test_mismatched_pretrained_part_names_the_param(data_dir, tmp_path):
 
 def test_bad_configs_name_the_key(data_dir):
   with pytest.raises(ValueError, match='config.data.num_image_tokens'):
-    config_lib.validate(llava_config(data_dir, **{'data.num_image_tokens': 4}), 1)
+    tasks.validate_config(llava_config(data_dir, **{'data.num_image_tokens': 4}), 1)
   with pytest.raises(ValueError, match='config.trainable'):
     _train(llava_config(data_dir, trainable='vision/.*'), steps=0)

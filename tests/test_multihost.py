@@ -16,6 +16,8 @@ from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import train
 
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'clip.py') + ':tiny'
 OVERRIDES = {'total_steps': 12, 'log_every': 1, 'eval_every': 12, 'checkpoint_every': 6,

@@ -4,6 +4,10 @@ import os
 
 import nbclient
 import nbformat
+import pytest
+
+# Trains (tiny_clip_run) and compares with transformers.
+pytestmark = [pytest.mark.slow, pytest.mark.parity]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'experiments', 'notebooks', 'evaluate_clip.ipynb')

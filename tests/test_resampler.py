@@ -55,6 +55,7 @@ def _context(lengths, tokens, width, seed=0):
 
 
 @pytest.mark.parametrize('name', sorted(HF_CONFIGS))
+@pytest.mark.parity
 def test_idefics2_matches_hf_perceiver_resampler(name):
   spec = HF_CONFIGS[name]
   hf_config = transformers.Idefics2Config(
@@ -170,6 +171,7 @@ def _stack_blocks(params, depth):
   return dict(params, transformer={'blocks': stacked})
 
 
+@pytest.mark.parity
 def test_flamingo_matches_openflamingo_reference_scanned_or_not():
   depth, num_heads = 2, 3
   kwargs = dict(layout='flamingo', num_latents=4, depth=depth, num_heads=num_heads, head_dim=5,

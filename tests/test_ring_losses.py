@@ -12,6 +12,7 @@ from mmjax import config_lib
 from mmjax import losses
 from mmjax import ring_losses
 from mmjax import sharding
+from mmjax import tasks
 from mmjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,6 +102,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize('config_name', ['clip.py', 'siglip.py'])
+@pytest.mark.slow
 def test_training_with_ring_loss_matches_gathered(data_dir, config_name):
   """2 steps of `Trainer.train_step` (loss, grads, AdamW) on data=2, fsdp=2, tensor=2."""
   spec = os.path.join(REPO, 'configs', config_name) + ':tiny'
@@ -108,7 +110,7 @@ def test_training_with_ring_loss_matches_gathered(data_dir, config_name):
   results = {}
   for impl in ('gathered', 'ring'):
     config = config_lib.load(spec, {'data.data_dir': data_dir, 'loss_impl': impl})
-    config_lib.validate(config, jax.device_count())
+    tasks.validate_config(config, jax.device_count())
     with sharding.activate(mesh):
       trainer = train.Trainer(config, mesh)
       data = trainer.task.train_iterator(process_index=0, process_count=1)
@@ -132,4 +134,4 @@ def test_bad_loss_impl_is_named(tmp_path):
   config = config_lib.load(os.path.join(REPO, 'configs', 'clip.py') + ':tiny',
                            {'data.data_dir': str(tmp_path), 'loss_impl': 'ringg'})
   with pytest.raises(ValueError, match=r"config.loss_impl='ringg'"):
-    config_lib.validate(config, jax.device_count())
+    tasks.validate_config(config, jax.device_count())

@@ -12,6 +12,7 @@ import pytest
 
 from mmjax import config_lib
 from mmjax import sharding
+from mmjax import tasks
 from mmjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +55,7 @@ def tiny_loss_and_grads(data_dir):
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
+@pytest.mark.slow
 def test_remat_policies_change_nothing_but_memory(data_dir, tiny_loss_and_grads, policy):
   loss, grads = tiny_loss_and_grads
   remat_loss, remat_grads = _loss_and_grads(
@@ -63,6 +65,7 @@ def test_remat_policies_change_nothing_but_memory(data_dir, tiny_loss_and_grads,
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_unrolled_layer_loop_changes_nothing(data_dir, tiny_loss_and_grads):
   """`scan_unroll` changes the compiled program, not the model."""
   loss, grads = tiny_loss_and_grads
@@ -77,7 +80,7 @@ def test_unrolled_layer_loop_changes_nothing(data_dir, tiny_loss_and_grads):
 def test_unknown_remat_policy_is_named(data_dir):
   config = config_lib.load(TINY, {'data.data_dir': data_dir, 'model.remat': 'dotz'})
   with pytest.raises(ValueError, match="config.model.remat='dotz'"):
-    config_lib.validate(config, 1)
+    tasks.validate_config(config, 1)
 
 
 def test_bfloat16_first_moment(data_dir):
@@ -98,6 +101,7 @@ def test_bfloat16_first_moment(data_dir):
   assert state_bytes(full) - state_bytes(trainer) == param_bytes // 2
 
 
+@pytest.mark.slow
 def test_scan_keeps_the_program_flat_in_depth(data_dir):
   """With nn.scan (not unrolled) the compiled step holds one block however deep the towers
   are."""
@@ -113,6 +117,7 @@ def test_scan_keeps_the_program_flat_in_depth(data_dir):
 
 
 @pytest.mark.parametrize('mesh_axes', [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4)])
+@pytest.mark.slow
 def test_collective_accounting_on_compiled_steps(data_dir, mesh_axes):
   """Parameter/gradient traffic the compiled step moves is at least the theoretical
   minimum for its strategy and, on these CPU programs, at most twice it."""

@@ -66,6 +66,7 @@ def one_device_steps(data_dir):
 # Pure data parallelism, and all three axes at once (data=2 x fsdp=4 against one device:
 # test_vq).
 @pytest.mark.parametrize('mesh_axes', [dict(data=8), dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.slow
 def test_sharded_training_matches_one_device(one_device_steps, mesh_axes):
   config, batches, (ref_loss, ref_grads, ref_losses, ref_params) = one_device_steps
   loss, grads, losses, params = _run_steps(config, mesh_axes, batches)
@@ -90,6 +91,7 @@ def test_sharded_training_matches_one_device(one_device_steps, mesh_axes):
   assert np.prod(shard_shape) * ways == np.prod(kernel.shape), (shard_shape, kernel.shape)
 
 
+@pytest.mark.slow
 def test_bad_key_is_named(data_dir):
   with pytest.raises(KeyError, match='model.image.widht'):
     tiny_config(data_dir, **{'model.image.widht': 64})
@@ -115,6 +117,7 @@ def test_impossible_settings_fail_before_compiling(data_dir, tmp_path, overrides
   assert not os.path.exists(tmp_path / 'checkpoints' / '0')
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(data_dir, tmp_path, capsys):
   """A `python -m mmjax.train` process on an fsdp mesh gets SIGTERM mid-run: it saves and
   exits; resuming that checkpoint (here in this process) ends with exactly the parameters and
@@ -176,6 +179,7 @@ def test_overrides_parse_as_literals_else_strings():
     config_lib.parse_overrides(['total_steps'])
 
 
+@pytest.mark.slow
 def test_tiny_clip_learns_zero_shot_digits(tiny_clip_run):
   config, workdir = tiny_clip_run.config, tiny_clip_run.workdir
   assert tiny_clip_run.step == config.total_steps
@@ -193,6 +197,7 @@ def _trainer(config, mesh_axes):
   return mesh, train.Trainer(config, mesh)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_averages_micro_batches(data_dir):
   """k micro-batches (rows i, i+k, ...) give the mean of their separate gradients."""
   mesh_axes = dict(data=2, fsdp=2)
@@ -216,6 +221,7 @@ def test_gradient_accumulation_averages_micro_batches(data_dir):
                                atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params(data_dir):
   mesh_axes = dict(data=8)
   f32_mesh, f32 = _trainer(tiny_config(data_dir), mesh_axes)
@@ -232,6 +238,7 @@ def test_bfloat16_compute_keeps_float32_params(data_dir):
   assert float(bf16_loss) != f32_loss  # the compute really ran in bfloat16
 
 
+@pytest.mark.slow
 def test_siglip_loss_falls(data_dir):
   config = config_lib.load(os.path.join(REPO, 'configs', 'siglip.py') + ':tiny',
                            {'data.data_dir': data_dir})

@@ -35,6 +35,7 @@ def _flat(params):
   return flax.traverse_util.flatten_dict(jax.device_get(params), sep='/')
 
 
+@pytest.mark.slow
 def test_only_matching_params_train(data_dir):
   """Frozen params stay bitwise equal; the rest follow AdamW run on the trainable ones alone."""
   config = tiny_config(data_dir, TEXT_ONLY)
@@ -110,6 +111,7 @@ def test_bad_pattern_names_the_key(data_dir, pattern, message):
     train.Trainer(tiny_config(data_dir, pattern), mesh)
 
 
+@pytest.mark.slow
 def test_resume_with_frozen_params_is_exact(data_dir, tmp_path):
   steps = 6
   config = tiny_config(data_dir, TEXT_ONLY, total_steps=steps, eval_every=1000,

@@ -102,7 +102,7 @@ def test_splits_are_disjoint_and_deterministic(built):
   assert test == {s.path for s, split in zip(stamps, expected) if split == 'test'}
   assert expected != tuxpaint.split_stamps([s.caption for s in stamps], seed=1)
   # Test captions are unique and never seen in training, even up to case and punctuation.
-  key = tuxpaint._caption_key
+  key = tuxpaint.caption_key
   test_keys = [key(_text(x, 'caption')) for x in splits['test']]
   assert len(test_keys) == len(set(test_keys))
   assert not set(test_keys) & {key(_text(x, 'caption')) for x in splits['train']}

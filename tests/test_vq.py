@@ -15,6 +15,7 @@ from scipy import signal
 from mmjax import config_lib
 from mmjax import losses
 from mmjax import sharding
+from mmjax import tasks
 from mmjax import train
 from mmjax.evals import reconstruction
 from mmjax.models import vq
@@ -165,6 +166,7 @@ def test_dead_codes_are_restarted_on_batch_latents(ema):
   assert len(np.unique(revived)) >= 5
 
 
+@pytest.mark.slow
 def test_model_tokenize_detokenize_shapes():
   model = vq.VQModel(base_channels=8, channel_multiplier=(1, 2), num_res_blocks=1,
                      attn_resolutions=(4,), resolution=8, latent_channels=8, num_codes=32,
@@ -249,8 +251,8 @@ def test_config_errors_name_the_key(data_dir):
            ({'batch_size': 12}, 'config.batch_size=12 is not divisible')]
   for overrides, message in cases:
     with pytest.raises(ValueError, match=message):
-      config_lib.validate(tiny_config(data_dir, **overrides), 8)
-  config_lib.validate(tiny_config(data_dir), 8)
+      tasks.validate_config(tiny_config(data_dir, **overrides), 8)
+  tasks.validate_config(tiny_config(data_dir), 8)
 
 
 def _steps(config, mesh_axes, batches):
@@ -268,6 +270,7 @@ def _steps(config, mesh_axes, batches):
   return history, state['params']
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device(data_dir):
   # Restarts and the EMA codebook: every non-gradient update runs on the mesh too.
   config = tiny_config(data_dir, **{'quantizer.restart_threshold': 0.03, 'quantizer.ema': True})
@@ -301,6 +304,7 @@ def test_sharded_training_matches_one_device(data_dir):
   assert kernel.addressable_shards[0].data.shape[-1] * 4 == kernel.shape[-1]
 
 
+@pytest.mark.slow
 def test_gan_terms_reach_only_their_own_side(data_dir):
   config = tiny_config(data_dir, **{'loss.gan_weight': 0.5, 'loss.gan_start': 5,
                                     'loss.discriminator.channels': 16,
@@ -342,6 +346,7 @@ def test_gan_terms_reach_only_their_own_side(data_dir):
   assert float(counted['gan_steps']) == 1.0
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(data_dir, tmp_path):
   config = tiny_config(data_dir, **{'quantizer.restart_threshold': 0.03,
                                     'total_steps': 60, 'eval_every': 60, 'log_every': 20})

@@ -20,6 +20,8 @@ import transformers  # noqa: E402
 from mmjax.convert import hf_chameleon_vq  # noqa: E402
 from mmjax.models.vq import VQModel  # noqa: E402
 
+pytestmark = pytest.mark.parity
+
 # Two layouts: 2 levels without attention in the levels, 1 block each, code_dim 16; and
 # 3 levels, 2 blocks each, attention at resolutions 8 and 4, factorised codes (dim 8).
 CASES = {

@@ -69,7 +69,7 @@ def rules(config: dict) -> list[weight_map.Rule]:
   """Every ChameleonVQVAE tensor and the param it becomes (GroupNorm uses LayerNorm's
   weight/bias <-> scale/bias rule)."""
   base, multipliers = config['base_channels'], tuple(config['channel_multiplier'])
-  resolution, attn = config['resolution'], tuple(config.get('attn_resolutions', ()))
+  resolution, attn = config['resolution'], tuple(config['attn_resolutions'])
   out = weight_map.conv('encoder.conv_in', 'encoder/conv_in', bias=True)
   channels = base
   for i, multiplier in enumerate(multipliers):
@@ -83,7 +83,7 @@ def rules(config: dict) -> list[weight_map.Rule]:
       out += weight_map.conv(f'encoder.down.{i}.downsample.conv',
                              f'encoder/down_{i}/downsample/conv', bias=True)
   out += _resnet('encoder.mid.block_1', 'encoder/mid/block_1', False)
-  if config.get('mid_attention', True):
+  if weight_map.option(config, VQModel, 'mid_attention'):
     out += _attention('encoder.mid.attn_1', 'encoder/mid/attn_1')
   out += _resnet('encoder.mid.block_2', 'encoder/mid/block_2', False)
   out += weight_map.layer_norm('encoder.norm_out', 'encoder/norm_out')

@@ -102,7 +102,7 @@ def vision_rules(config: dict) -> list[weight_map.Rule]:
   image = config['image']
   return [
       *weight_map.conv('vision_model.embeddings.patch_embedding', 'image_tower/patch_embed',
-                       bias=image.get('patch_bias', _defaults(ViT)['patch_bias'])),
+                       bias=weight_map.option(image, ViT, 'patch_bias')),
       weight_map.one(_POSITIONS_KEY, 'image_tower/pos_embed'),
       *_encoder('vision_model', 'image_tower/transformer', image),
       *weight_map.layer_norm('vision_model.post_layernorm', 'image_tower/ln_post'),
@@ -121,14 +121,14 @@ def text_rules(config: dict) -> list[weight_map.Rule]:
 
 def _stacked(config):
   return tuple(f'{tower}_tower/transformer' for tower in _MODULES
-               if config[tower].get('scan', _defaults(_MODULES[tower])['scan']))
+               if weight_map.option(config[tower], _MODULES[tower], 'scan'))
 
 
 def _expected_shapes(config, num_positions):
   """`{path: shape}` of our params, blocks unstacked, for `num_positions` image positions."""
   config = dict(config, image=dict(config['image'], scan=False),
                 text=dict(config['text'], scan=False))
-  class_token = config['image'].get('class_token', _defaults(ViT)['class_token'])
+  class_token = weight_map.option(config['image'], ViT, 'class_token')
   patches = max((num_positions or 0) - class_token, 1)
   side = math.isqrt(patches) * config['image']['patch_size']
   images = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)

@@ -81,7 +81,7 @@ def params_from_hf(state_dict, config: dict, *, prefix: str = PREFIX) -> dict:
   if f'{prefix}latents' not in arrays:
     raise ValueError(f'HF key missing: {prefix}latents (is prefix={prefix!r} right?)')
   width = arrays[f'{prefix}latents'].shape[-1]
-  stacked = ('transformer',) if config.get('scan', True) else ()
+  stacked = ('transformer',) if weight_map.option(config, PerceiverResampler, 'scan') else ()
   flat = weight_map.to_ours(arrays, rules(config, prefix), expected_shapes(config, width),
                             stacked)
   return flax.traverse_util.unflatten_dict(flat, sep='/')

@@ -101,21 +101,21 @@ def rules(config: dict, *, hf_prefix: str = 'model.', lm_head_key: str = 'lm_hea
     result += [
         _rms_norm(f'{hf}.input_layernorm', f'{ours}/ln_attn'),
         *attention_rules(f'{hf}.self_attn', f'{ours}/attn', config['num_heads'], num_kv_heads,
-                    config.get('attention_bias', False)),
+                    weight_map.option(config, DecoderLM, 'attention_bias')),
         _rms_norm(f'{hf}.post_attention_layernorm', f'{ours}/ln_mlp'),
         *weight_map.linear(f'{hf}.mlp.gate_proj', f'{ours}/mlp/gate', bias=False),
         *weight_map.linear(f'{hf}.mlp.up_proj', f'{ours}/mlp/up', bias=False),
         *weight_map.linear(f'{hf}.mlp.down_proj', f'{ours}/mlp/down', bias=False),
     ]
   result.append(_rms_norm(f'{hf_prefix}norm', f'{path}ln_final'))
-  if not config.get('tie_embeddings', False):
+  if not weight_map.option(config, DecoderLM, 'tie_embeddings'):
     result += weight_map.linear(lm_head_key.removesuffix('.weight'), f'{path}lm_head', bias=False)
   return result
 
 
 def stacked(config: dict, path: str = '') -> tuple[str, ...]:
   """The `weight_map` `stacked` argument: our decoder's path when its blocks are scanned."""
-  return (f'{path}decoder',) if config.get('scan', True) else ()
+  return (f'{path}decoder',) if weight_map.option(config, DecoderLM, 'scan') else ()
 
 
 def expected_shapes(config: dict, path: str = '') -> dict[str, tuple[int, ...]]:
@@ -136,7 +136,7 @@ def params_from_hf(state_dict, config: dict, *, hf_prefix: str = 'model.',
   missing, unused or mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
-  tied = config.get('tie_embeddings', False)
+  tied = weight_map.option(config, DecoderLM, 'tie_embeddings')
   flat = weight_map.to_ours(arrays, rules(config, hf_prefix=hf_prefix, lm_head_key=lm_head_key),
                             expected_shapes(config), stacked(config),
                             ignore=lambda key: tied and key == lm_head_key)
@@ -154,6 +154,6 @@ def params_to_hf(params, config: dict, *, hf_prefix: str = 'model.',
           in flax.traverse_util.flatten_dict(nn.unbox(params), sep='/').items()}
   state_dict = weight_map.to_hf(flat, rules(config, hf_prefix=hf_prefix, lm_head_key=lm_head_key),
                                 expected_shapes(config), stacked(config))
-  if config.get('tie_embeddings', False):
+  if weight_map.option(config, DecoderLM, 'tie_embeddings'):
     state_dict[lm_head_key] = state_dict[f'{hf_prefix}embed_tokens.weight'].copy()
   return state_dict

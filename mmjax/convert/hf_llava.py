@@ -30,7 +30,9 @@ from mmjax.convert import hf_clip
 from mmjax.convert import hf_common
 from mmjax.convert import hf_llama
 from mmjax.convert import weight_map
+from mmjax.models.decoder import DecoderLM
 from mmjax.models.llava import LLaVA
+from mmjax.models.vit import ViT
 
 # HF `projector_hidden_act` -> our projector kind.
 PROJECTORS = {'gelu': 'mlp', 'linear': 'linear'}
@@ -94,8 +96,8 @@ def _vision_rules(vision: dict) -> list[weight_map.Rule]:
 def rules(config: dict) -> list[weight_map.Rule]:
   """Every imported HF tensor and the param(s) it becomes (the 'linear' projector's key
   `model.multi_modal_projector.linear` is the composed map, see the module docstring)."""
-  bias = config.get('projector_bias', True)
-  if config.get('projector_kind', 'mlp') == 'linear':
+  bias = weight_map.option(config, LLaVA, 'projector_bias')
+  if weight_map.option(config, LLaVA, 'projector_kind') == 'linear':
     projector = weight_map.linear(_LINEAR_PROJECTOR, 'projector/fc1', bias)
   else:
     projector = [*weight_map.linear(_PROJECTOR + 'linear_1', 'projector/fc1', bias),
@@ -139,8 +141,8 @@ def params_from_hf(state_dict, config: dict) -> dict:
   ValueError naming every other HF key missing, unused or mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
-  if config.get('projector_kind', 'mlp') == 'linear':
-    arrays = _compose_linear_projector(arrays, config.get('projector_bias', True))
+  if weight_map.option(config, LLaVA, 'projector_kind') == 'linear':
+    arrays = _compose_linear_projector(arrays, weight_map.option(config, LLaVA, 'projector_bias'))
   depth = config['vision']['depth']
   later_layer = re.compile(re.escape(_VISION) + r'encoder\.layers\.(\d+)\.')
 
@@ -148,10 +150,10 @@ def params_from_hf(state_dict, config: dict) -> dict:
     match = later_layer.match(key)
     return (key.startswith(_VISION + 'post_layernorm.') or key.endswith('.position_ids')
             or (match is not None and int(match[1]) >= depth)
-            or (config['language_model'].get('tie_embeddings', False)
+            or (weight_map.option(config['language_model'], DecoderLM, 'tie_embeddings')
                 and key == 'lm_head.weight'))
 
-  stacked = (('vision_tower/transformer',) if config['vision'].get('scan', True) else ()) + (
+  stacked = (('vision_tower/transformer',) if weight_map.option(config['vision'], ViT, 'scan') else ()) + (
       hf_llama.stacked(config['language_model'], 'lm/'))
   positions = arrays.get(_POSITIONS_KEY)
   num_positions = positions.shape[0] if positions is not None and positions.ndim else None

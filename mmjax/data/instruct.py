@@ -10,9 +10,9 @@ Train: emoji `train` (the training styles) and Tux Paint `train`; eval: emoji `t
 held-out style, names seen in training) and Tux Paint `test`. Tux Paint kinds need its apt
 package (`tuxpaint.available()`).
 
-Token ids are `ByteLMTokenizer`'s: `ByteTokenizer`'s (pad 0, UTF-8 bytes 1..256, BOS 257,
-EOS 258; text lower-cased) plus IMAGE_ID 259, the placeholder a model replaces by an image
-feature. A training row of length L, right padded:
+Token ids are `mmjax.data.tokenizers.ByteLMTokenizer`'s (pad 0, UTF-8 bytes 1..256, BOS 257,
+EOS 258, text lower-cased, and `<image>` 259, the placeholder a model replaces by an image
+feature). A training row of length L, right padded:
   [BOS] [IMAGE]*N 'question: <q> answer: ' <answer> [EOS] [PAD]...
 with N = num_image_tokens (0: the text-only baseline). An eval prompt of length P, left padded:
   [PAD]... [BOS] [IMAGE]*N 'question: <q> answer: '
@@ -34,29 +34,9 @@ import numpy as np
 from mmjax.data import emoji
 from mmjax.data import pipeline
 from mmjax.data import tuxpaint
-from mmjax.data.tokenizer import BOS_ID, EOT_ID, PAD_ID, ByteTokenizer
-
-IMAGE_ID = 259
-VOCAB_SIZE = 260
-
-
-class ByteLMTokenizer(ByteTokenizer):
-  """`ByteTokenizer` with an image placeholder id, for decoder LMs that read images."""
-
-  vocab_size = VOCAB_SIZE
-  image_id = IMAGE_ID
-  eos_id = EOT_ID
-
-  def encode_text(self, text: str) -> np.ndarray:
-    """int32 [n]: the ids of the lower-cased UTF-8 bytes of `text`, no special ids."""
-    return np.frombuffer(text.lower().encode('utf-8'), np.uint8).astype(np.int32) + 1
-
-  def decode(self, ids) -> str:
-    """The text of `ids` up to the first EOS; pad, BOS and image ids are dropped."""
-    ids = [int(i) for i in ids]
-    if EOT_ID in ids:
-      ids = ids[:ids.index(EOT_ID)]
-    return super().decode(ids)
+from mmjax.data.images import prepare_image
+from mmjax.data.pipeline import split_source, split_texts
+from mmjax.data.tokenizers.byte import BOS_ID, PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,16 +161,8 @@ def eval_prompt(tokenizer, question: str, *, num_image_tokens: int,
   return tokens, tokens != PAD_ID
 
 
-@functools.lru_cache(maxsize=None)
-def split_texts(dataset: str, split: str, data_dir: str) -> tuple[dict[str, str], ...]:
-  """The text fields of each example of a split, read once per process."""
-  source = split_source(dataset, split, data_dir)
-  return tuple({key: value.decode() for key, value in source[i].items()
-                if isinstance(value, bytes)} for i in range(len(source)))
-
-
 def _answers(kind: QuestionKind, texts) -> tuple[np.ndarray, list[str]]:
-  """(int [m] indices of the examples (`_texts`) that have an answer, their m answers)."""
+  """(int [m] indices of the examples (`texts`) that have an answer, their m answers)."""
   if kind.answer_key == 'group':
     groups = emoji.name_groups()
     answers = [groups.get(x['name']) for x in texts]
@@ -203,21 +175,6 @@ def _answers(kind: QuestionKind, texts) -> tuple[np.ndarray, list[str]]:
   if not len(indices):
     raise ValueError(f'no {kind.dataset} example has a {kind.answer_key}')
   return indices, [answers[i] for i in indices]
-
-
-def split_source(dataset: str, split: str, data_dir: str):
-  """The random-access grain source of a built dataset's split."""
-  return pipeline.prepared(dataset, data_dir).as_data_source(split)
-
-
-def prepare_image(image: np.ndarray, dataset: str, image_size: int, rng=None) -> np.ndarray:
-  """uint8 [h, w, 3] -> float32 [S, S, 3] in [-1, 1]; with `rng`, the random crop and colour
-  jitter of `pipeline.train_iterator` for `dataset`."""
-  area = pipeline.CROP_AREA[dataset] if rng is not None else None
-  box = pipeline.random_box(image.shape[0], area, rng) if area else None
-  augment = rng is not None and dataset in pipeline.JITTERED
-  jitter = pipeline.random_jitter(rng) if augment else None
-  return pipeline.preprocess(image, image_size, box, jitter)
 
 
 def _train_example(position, rng, *, source, dataset, indices, rows, kind_id, image_size,

@@ -11,10 +11,11 @@ it (a drawing style not yet used in the sequence when the name has one left; els
 random crop of the same drawing). A model names a repeat best by matching the picture to the
 earlier one and copying its name: what few-shot prompting asks of it.
 
-Ids are `instruct.ByteLMTokenizer`'s: `<image>` is its IMAGE_ID (259), the end of chunk EOC
-its EOS (258). The loss is on the caption tokens and the EOC after each (targets that are
-`<image>`, BOS or pad have weight 0). A sequence longer than L is cut at L; the images whose
-`<image>` token was cut are still in the batch but no text token sees them.
+Ids are `mmjax.data.tokenizers.ByteLMTokenizer`'s: `<image>` is its `image_id` (259), the end
+of chunk EOC its EOS (258). A caption is a list of (text, in the loss) parts (`caption`); the
+loss is on the caption tokens marked so and the EOC after each (targets that are `<image>`,
+BOS or pad have weight 0). A sequence longer than L is cut at L; the images whose `<image>`
+token was cut are still in the batch but no text token sees them.
 
 Few-shot eval rows (`load_fewshot`) rank candidate names. The queries are images of the
 held-out style; the demonstrations are labelled drawings of the other styles, the support
@@ -35,62 +36,48 @@ other than the query's (they show only the format). Each demonstration's picture
 support drawing of its name. `fewshot_queries` and `fewshot_split` build the same rows for
 demonstrations chosen elsewhere (`mmjax.evals.fewshot.RetrievedDemonstrations`).
 
-The train iterator is as `instruct.train_iterator`: everything random is a function of (seed,
+Research curricula (which examples a sequence repeats, how its chunks are captioned) are not
+written here: a `Curriculum` is the one hook, loaded from a file named by
+`config.data.curriculum` (`load_curriculum`; the Flamingo ones: experiments/flamingo/).
+
+The train iterator is as `pipeline.train_iterator`: everything random is a function of (seed,
 position in the stream), host p of P gets the p-th contiguous block of each global batch, and
 `get_state`/`set_state` restore exactly.
 """
 
 import dataclasses
 import functools
-import zlib
+import importlib.util
+import os
 from typing import Callable
 
 import grain
 import numpy as np
 
-from mmjax.data import instruct
 from mmjax.data import pipeline
-from mmjax.data.tokenizer import BOS_ID, PAD_ID
+from mmjax.data.images import prepare_image
+from mmjax.data.tokenizers.byte import BOS_ID, EOT_ID, PAD_ID
 
-EOC_ID = instruct.ByteLMTokenizer.eos_id
+EOC_ID = EOT_ID  # The end of chunk: `ByteLMTokenizer`'s EOS.
 CAPTION_PREFIX = 'an emoji of'
 TRAIN_SPLIT = 'train'
 # Few-shot names -> (query split: the held-out style, support split: the demonstrations').
 FEWSHOT_SPLITS = {'seen': ('test_seen', 'train'), 'unseen': ('test_unseen', 'support_unseen')}
 
-
-# Where a cue digit stands in a chunk (`_chunks`).
-CUE_PLACES = ('image', 'name')
+Caption = list[tuple[str, bool]]  # A chunk's text as (text, in the loss) parts.
 
 
-def _check_cue_place(cue_at: str):
-  if cue_at not in CUE_PLACES:
-    raise ValueError(f'cue_at={cue_at!r}: use one of {CUE_PLACES}')
+def caption(name: str) -> Caption:
+  """The plain caption `an emoji of <name>.`, all in the loss, the name's part (and the space
+  before it) last: a few-shot prompt stops before it."""
+  return [(CAPTION_PREFIX, True), (f' {name}.', True)]
 
 
-def _caption_parts(name: str, cue=None, cue_at: str = 'image') -> list[tuple[str, bool]]:
-  """A chunk's text as (text, in the loss) parts, the name (and the space before it) last.
-  Without a `cue`: `an emoji of <name>.`; with one, by `cue_at`:
-    'image'  `<cue> an emoji of <name>.`, the cue and its space not in the loss;
-    'name'   `an emoji of <cue><name>.`, the cue not in the loss: the name's first byte
-             follows the cue, so an LM names a repeat by the plain induction of a token's
-             successor (find the earlier cue, copy what came after it)."""
-  if cue is None:
-    return [(CAPTION_PREFIX, True), (f' {name}.', True)]
-  if cue_at == 'image':
-    return [(f'{cue} ', False), (CAPTION_PREFIX, True), (f' {name}.', True)]
-  return [(f'{CAPTION_PREFIX} ', True), (cue, False), (f'{name}.', True)]
-
-
-def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
-            ) -> tuple[np.ndarray, np.ndarray]:
-  """(ids, is_text): [BOS] then `<image> caption [EOC]` per name; is_text marks caption + EOC.
-  With `cues` (one string per name, see `with_cues`) each caption carries its cue at
-  `cue_at` (`_caption_parts`), the cue unmarked."""
-  _check_cue_place(cue_at)
+def chunks(tokenizer, captions) -> tuple[np.ndarray, np.ndarray]:
+  """(ids, is_text): [BOS] then `<image> caption [EOC]` per caption of `captions` (see
+  `caption`); is_text marks the caption parts in the loss and each EOC."""
   ids, is_text = [np.array([BOS_ID])], [np.array([False])]
-  for j, name in enumerate(names):
-    parts = _caption_parts(name, None if cues is None else cues[j], cue_at)
+  for parts in captions:
     encoded = [(tokenizer.encode_text(text), marked) for text, marked in parts]
     ids.append(np.concatenate([[tokenizer.image_id]] + [e for e, _ in encoded] + [[EOC_ID]]))
     is_text.append(np.concatenate([[False]] + [np.full(len(e), m) for e, m in encoded]
@@ -98,7 +85,7 @@ def _chunks(tokenizer, names, cues=None, cue_at: str = 'image'
   return np.concatenate(ids).astype(np.int32), np.concatenate(is_text)
 
 
-def _row(ids, weighted, max_len: int) -> dict[str, np.ndarray]:
+def row(ids, weighted, max_len: int) -> dict[str, np.ndarray]:
   """tokens, targets int32 [L] (targets: tokens shifted left, pad last) and loss_weights
   float32 [L] (1 where the target is a `weighted` token) of `ids [n]`, cut or padded to L."""
   ids, weighted = ids[:max_len], weighted[:max_len]
@@ -110,11 +97,15 @@ def _row(ids, weighted, max_len: int) -> dict[str, np.ndarray]:
   return dict(tokens=tokens, targets=targets, loss_weights=loss_weights)
 
 
-def sequence(tokenizer, names, max_len: int, cues=None,
-             cue_at: str = 'image') -> dict[str, np.ndarray]:
-  """The training row of the chunks of `names` (and `cues` at `cue_at`, see `_chunks`):
-  tokens, targets int32 [L], loss_weights float32 [L] (1 on caption and EOC targets)."""
-  return _row(*_chunks(tokenizer, names, cues, cue_at), max_len)
+def captioned_sequence(tokenizer, captions, max_len: int) -> dict[str, np.ndarray]:
+  """The training row of chunks with `captions`: tokens, targets int32 [L], loss_weights
+  float32 [L] (1 on the targets that are caption parts in the loss or EOC)."""
+  return row(*chunks(tokenizer, captions), max_len)
+
+
+def sequence(tokenizer, names, max_len: int) -> dict[str, np.ndarray]:
+  """`captioned_sequence` of the plain captions of `names`."""
+  return captioned_sequence(tokenizer, [caption(name) for name in names], max_len)
 
 
 def examples_by_name(names) -> dict[str, np.ndarray]:
@@ -125,171 +116,115 @@ def examples_by_name(names) -> dict[str, np.ndarray]:
   return {name: np.array(indices) for name, indices in by_name.items()}
 
 
-def with_repeats(indices, rng, *, names, by_name, repeat_prob: float,
-                 last_only: bool = False, same_drawing_prob: float = 0.0) -> np.ndarray:
-  """`indices [K]` with each chunk j > 0 (only the last with `last_only`) replaced, with
-  probability `repeat_prob`, by another example of the name of a uniformly chosen earlier
-  chunk (a drawing not used yet in the sequence if the name has one, else the same example
-  again); with probability `same_drawing_prob` a repeat is the earlier chunk's own example
-  (the same drawing: the easiest match there is, a curriculum for the cross-attention).
+def another_drawing(earlier, used, rng, *, names, by_name):
+  """An example of the thing of example `earlier`: a drawing not in `used` if it has one,
+  else any of its drawings (the same again when it has one)."""
+  same = by_name[names[int(earlier)]]
+  unused = np.setdiff1d(same, used)
+  return rng.choice(unused if len(unused) else same)
 
-  With `last_only` the K - 1 chunks before the last are (nearly always) distinct things, as
-  the demonstrations of a few-shot prompt, so naming a repeat asks which of them it shows;
-  repeats anywhere make most of them repeats of the only or the same earlier thing."""
+
+def with_repeats(indices, rng, *, names, by_name, repeat_prob: float) -> np.ndarray:
+  """`indices [K]` with each chunk j > 0 replaced, with probability `repeat_prob`, by
+  `another_drawing` of the thing of a uniformly chosen earlier chunk."""
   indices = np.array(indices)
-  for j in range(len(indices) - 1 if last_only else 1, len(indices)):
+  for j in range(1, len(indices)):
     if rng.random() < repeat_prob:
-      earlier = indices[rng.integers(j)]
-      if same_drawing_prob and rng.random() < same_drawing_prob:  # no draw when 0
-        indices[j] = earlier
-        continue
-      same = by_name[names[int(earlier)]]
-      unused = np.setdiff1d(same, indices[:j])
-      indices[j] = rng.choice(unused if len(unused) else same)
+      indices[j] = another_drawing(indices[rng.integers(j)], indices[:j], rng, names=names,
+                                   by_name=by_name)
   return indices
 
 
-_CONSONANTS, _VOWELS = 'bcdfghjklmnprstvwz', 'aeiou'
+class Curriculum:
+  """The plain format, and the one hook of a research curriculum: a curriculum file
+  (`load_curriculum`) subclasses this and overrides what its sequences do differently.
 
+    check(train_names)    raises ValueError if it cannot serve the train split's names;
+    repeats(indices, rng, *, names, by_name, repeat_prob) -> int [K]: the examples the K
+                          chunks show (plain: `with_repeats`);
+    captions(things, rng) -> K captions (`caption`) of chunks that show `things` (the names
+                          of the K examples);
+    fewshot_captions(demo_names, answer, rng) -> (the demonstrations' captions, a function
+                          name -> the query's caption with that name, its last part the
+                          name's): few-shot rows in this curriculum's format.
 
-def made_up_name(rng) -> str:
-  """A pronounceable made-up name: 1-3 words of 1-3 (consonant, vowel) syllables each."""
-  def word():
-    return ''.join(rng.choice(list(_CONSONANTS)) + rng.choice(list(_VOWELS))
-                   for _ in range(rng.integers(1, 4)))
-  return ' '.join(word() for _ in range(rng.integers(1, 4)))
-
-
-def with_made_up_names(chunk_names, rng) -> list[str]:
-  """`chunk_names` with each distinct name replaced by a distinct `made_up_name`, the same
-  in every chunk it names."""
-  made_up = {}
-  for name in chunk_names:
-    while name not in made_up:
-      candidate = made_up_name(rng)
-      if candidate not in made_up.values():
-        made_up[name] = candidate
-  return [made_up[name] for name in chunk_names]
-
-
-_CUE_DIGITS = '0123456789'
-
-
-def with_cues(chunk_names, rng) -> list[str]:
-  """A text cue per chunk: one digit per distinct name of `chunk_names`, distinct digits for
-  distinct names, drawn at random per sequence.
-
-  A cue says in the text alone which earlier chunk a repeat shows, as a matching picture
-  does; an LM trained on cued sequences (`cue_prob`) learns to find the earlier chunk by its
-  content and copy that chunk's name, the circuit that Flamingo's cross-attention can then
-  drive with pictures instead of cues.
+  `rng` is the sequence's (or the query's) generator: `repeats` draws from it before the
+  images are augmented, `captions` after. A setting that is off should draw nothing, so that
+  the streams of the other settings stay as they are.
   """
-  distinct = list(dict.fromkeys(chunk_names))
-  if len(distinct) > len(_CUE_DIGITS):
-    raise ValueError(f'{len(distinct)} distinct names, only {len(_CUE_DIGITS)} cue digits')
-  digits = rng.choice(list(_CUE_DIGITS), len(distinct), replace=False)
-  cue = dict(zip(distinct, digits))
-  return [str(cue[name]) for name in chunk_names]
+
+  def check(self, train_names) -> None:
+    del train_names  # the plain format serves any names
+
+  def repeats(self, indices, rng, *, names, by_name, repeat_prob: float) -> np.ndarray:
+    return with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob)
+
+  def captions(self, things, rng) -> list[Caption]:
+    del rng  # nothing random
+    return [caption(name) for name in things]
+
+  def fewshot_captions(self, demo_names, answer, rng) -> tuple[list[Caption], Callable]:
+    del answer, rng  # the plain format: nothing says which demonstration is the answer
+    return [caption(name) for name in demo_names], caption
 
 
-def thing_cues(chunk_names, digit_of: dict[str, str] | None = None) -> list:
-  """A cue per chunk that is a function of its thing alone, the same in every sequence, so
-  the picture says it: `digit_of[name]` (e.g. the thing's cluster of pictures, see
-  `experiments/flamingo_picture_cues.py`), else a hash of the name; and none (None) on a
-  chunk that repeats an earlier thing: there only the picture can say which earlier chunk it
-  shows.
-
-  The cue of `cue_digits='per_thing'`: a curriculum for the `xattn` stage over an LM that
-  matches by cue. Naming a repeat then asks the cross-attention for the cue of the thing in
-  its own picture, where with per-sequence cues (`with_cues`) and in the plain format the
-  match depends on what the cross-attention makes of the other chunks' pictures too."""
-  cues, seen = [], set()
-  for name in chunk_names:
-    if name in seen:
-      cues.append(None)
-    elif digit_of is not None:
-      cues.append(digit_of[name])
-    else:
-      cues.append(_CUE_DIGITS[zlib.crc32(name.encode()) % 10])
-    seen.add(name)
-  return cues
-
-
-CUE_DIGITS_KINDS = ('per_sequence', 'per_thing')
+def load_curriculum(spec: str) -> Curriculum:
+  """`config.data.curriculum`: '' (the plain format) or 'FILE.py:ARG', whose module's
+  `get_curriculum(ARG)` returns the `Curriculum` (as `configs/X.py:ARG` gives a config). A
+  relative FILE is taken from the current directory, else from the repository's root."""
+  if not spec:
+    return Curriculum()
+  path, _, arg = spec.partition(':')
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'curriculum {spec!r}: no file {path}')
+  module_spec = importlib.util.spec_from_file_location(
+      'mmjax_curriculum_' + os.path.basename(path).removesuffix('.py'), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_curriculum(arg)
 
 
 def _train_example(indices, rng, *, source, names, by_name, tokenizer, image_size, max_len,
-                   augment, repeat_prob, made_up_prob, cue_prob=0.0, cue_at='image',
-                   cue_digits='per_sequence', thing_digits=None, repeat_last_only=False,
-                   same_drawing_prob=0.0):
+                   augment, repeat_prob, curriculum):
   """The sequence of the K train examples `indices [K]` (some replaced by repeats, see
-  `with_repeats`; with probability `made_up_prob` every name made up, see
-  `with_made_up_names`; with probability `cue_prob` cued at `cue_at` by `cue_digits`, see
-  `with_cues`, `thing_cues` and `_chunks`), images randomised by `rng`."""
-  indices = with_repeats(indices, rng, names=names, by_name=by_name, repeat_prob=repeat_prob,
-                         last_only=repeat_last_only, same_drawing_prob=same_drawing_prob)
-  images = np.stack([instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size,
-                                     rng if augment else None) for i in indices])
-  thing_names = chunk_names = [names[int(i)] for i in indices]
-  if made_up_prob and rng.random() < made_up_prob:  # no draw when 0: streams stay as before
-    chunk_names = with_made_up_names(chunk_names, rng)
-  cues = None
-  if cue_prob and rng.random() < cue_prob:
-    cues = (with_cues(chunk_names, rng) if cue_digits == 'per_sequence'
-            else thing_cues(thing_names, thing_digits))
-  return dict(sequence(tokenizer, chunk_names, max_len, cues, cue_at), image=images,
+  `Curriculum.repeats`), images randomised by `rng`, captioned by `Curriculum.captions`."""
+  indices = curriculum.repeats(indices, rng, names=names, by_name=by_name,
+                               repeat_prob=repeat_prob)
+  images = np.stack([prepare_image(source[int(i)]['image'], 'emoji', image_size,
+                                   rng if augment else None) for i in indices])
+  captions = curriculum.captions([names[int(i)] for i in indices], rng)
+  return dict(captioned_sequence(tokenizer, captions, max_len), image=images,
               example_id=np.asarray(indices, np.int32))
 
 
 def train_iterator(data_dir: str, *, tokenizer, images_per_sequence: int, max_len: int,
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True,
-                   repeat_prob: float = 0.0, made_up_prob: float = 0.0, cue_prob: float = 0.0,
-                   cue_at: str = 'image', cue_digits: str = 'per_sequence',
-                   thing_digits: dict[str, str] | None = None, repeat_last_only: bool = False,
-                   same_drawing_prob: float = 0.0):
+                   repeat_prob: float = 0.0, curriculum: Curriculum | None = None):
   """Infinite grain iterator of this host's batches of interleaved sequences.
 
-  The emoji dataset must be built (`instruct.build(data_dir, ['emoji_name'])`). Each element,
+  The emoji dataset must be built (`pipeline.build('emoji', data_dir)`). Each element,
   b = global_batch_size // process_count, K = images_per_sequence: image float32
   [b, K, S, S, 3] in [-1, 1] (random crop and colour jitter as `pipeline.train_iterator`),
-  tokens and targets int32 [b, L], loss_weights float32 [b, L] (see `sequence`) and
+  tokens and targets int32 [b, L], loss_weights float32 [b, L] (see `captioned_sequence`) and
   example_id int32 [b, K] (indices in the emoji train split). The K examples of a sequence
   are consecutive elements of an endlessly reshuffled stream of the split, some replaced by
-  repeats of earlier chunks' names (`repeat_prob`; only the last chunk with
-  `repeat_last_only`; in the repeated chunk's own drawing with `same_drawing_prob`, see
-  `with_repeats`). A fraction
-  `made_up_prob` of the sequences name their things by made-up names (`with_made_up_names`):
-  a model cannot have memorised those, so it can name a repeat only by matching its picture
-  to the earlier one and copying the name from the context, the skill few-shot prompting with
-  new names (`names='unseen'` below) asks for. A fraction `cue_prob` of the sequences carry
-  a cue digit per thing after each `<image>` or, `cue_at='name'`, before each name
-  (`with_cues`, `_chunks`): the text then says which earlier chunk a repeat shows (for the
-  LM stage; the few-shot prompts have no cues). `cue_digits='per_thing'` makes each digit a
-  function of the thing (`thing_digits`, else a hash of its name) and leaves repeats uncued
-  (`thing_cues`: for the `xattn` stage).
+  repeats of earlier chunks' things (`repeat_prob`, see `with_repeats`). `curriculum`
+  (default: the plain format) decides the repeats and the captions (`Curriculum`).
   """
-  _check_cue_place(cue_at)
-  if cue_digits not in CUE_DIGITS_KINDS:
-    raise ValueError(f'cue_digits={cue_digits!r}: use one of {CUE_DIGITS_KINDS}')
-  for name, p in (('repeat_prob', repeat_prob), ('made_up_prob', made_up_prob),
-                  ('cue_prob', cue_prob), ('same_drawing_prob', same_drawing_prob)):
-    if not 0.0 <= p <= 1.0:
-      raise ValueError(f'{name}={p} is not in [0, 1]')
-  source = instruct.split_source('emoji', TRAIN_SPLIT, data_dir)
-  names = [x['name'] for x in instruct.split_texts('emoji', TRAIN_SPLIT, data_dir)]
-  if thing_digits is not None and set(names) - set(thing_digits):
-    missing = sorted(set(names) - set(thing_digits))
-    raise ValueError(f'thing_digits has no digit for {len(missing)} train names, e.g. '
-                     f'{missing[:3]}')
+  if not 0.0 <= repeat_prob <= 1.0:
+    raise ValueError(f'repeat_prob={repeat_prob} is not in [0, 1]')
+  curriculum = Curriculum() if curriculum is None else curriculum
+  source = pipeline.split_source('emoji', TRAIN_SPLIT, data_dir)
+  names = [x['name'] for x in pipeline.split_texts('emoji', TRAIN_SPLIT, data_dir)]
+  curriculum.check(names)
   shuffle_seed, map_seed = np.random.SeedSequence([seed, 7]).generate_state(2)
   example = functools.partial(_train_example, source=source, names=names,
                               by_name=examples_by_name(names), tokenizer=tokenizer,
                               image_size=image_size, max_len=max_len, augment=augment,
-                              repeat_prob=repeat_prob, made_up_prob=made_up_prob,
-                              cue_prob=cue_prob, cue_at=cue_at, cue_digits=cue_digits,
-                              thing_digits=thing_digits, repeat_last_only=repeat_last_only,
-                              same_drawing_prob=same_drawing_prob)
+                              repeat_prob=repeat_prob, curriculum=curriculum)
   ds = (grain.MapDataset.range(len(source)).shuffle(seed=int(shuffle_seed)).repeat()
         .batch(images_per_sequence, drop_remainder=True)
         .random_map(example, seed=int(map_seed)))
@@ -333,8 +268,8 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
   if names not in FEWSHOT_SPLITS:
     raise ValueError(f'names={names!r}: use one of {sorted(FEWSHOT_SPLITS)}')
   query_split, support_split = FEWSHOT_SPLITS[names]
-  support_names = [x['name'] for x in instruct.split_texts('emoji', support_split, data_dir)]
-  query_names = [x['name'] for x in instruct.split_texts('emoji', query_split, data_dir)]
+  support_names = [x['name'] for x in pipeline.split_texts('emoji', support_split, data_dir)]
+  query_names = [x['name'] for x in pipeline.split_texts('emoji', query_split, data_dir)]
   vocabulary = sorted(set(support_names))
   if num_candidates > len(vocabulary):
     raise ValueError(f'num_candidates={num_candidates}: only {len(vocabulary)} names')
@@ -350,9 +285,9 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
     others = [n for n in rng.choice(vocabulary, num_candidates, replace=False)
               if n != query_names[query]][:num_candidates - 1]
     candidates.append(others[:right] + [query_names[query]] + others[right:])
-  support_source = instruct.split_source('emoji', support_split, data_dir)
-  query_source = instruct.split_source('emoji', query_split, data_dir)
-  image = lambda source, i: instruct.prepare_image(source[int(i)]['image'], 'emoji', image_size)
+  support_source = pipeline.split_source('emoji', support_split, data_dir)
+  query_source = pipeline.split_source('emoji', query_split, data_dir)
+  image = lambda source, i: prepare_image(source[int(i)]['image'], 'emoji', image_size)
   return FewShotQueries(
       images=np.stack([image(query_source, q) for q in queries]),
       answer=[query_names[q] for q in queries], candidates=candidates,
@@ -360,34 +295,32 @@ def fewshot_queries(data_dir: str, *, num_queries: int, num_candidates: int, ima
       support_names=support_names, support_image=functools.partial(image, support_source))
 
 
-def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False,
-                  cue_at: str = 'image') -> dict:
+def fewshot_split(tokenizer, queries: FewShotQueries, demos,
+                  curriculum: Curriculum | None = None) -> dict:
   """Ranking rows of every query with its demonstrations `demos` (n lists of k support
-  example indices, in prompt order); the keys of `load_fewshot`'s splits. `cued`: the chunks
-  carry cues (`with_cues`; the query's is its answer's), so the text alone says which
-  demonstration shows the answer: what a text-only LM can do once told which one to copy;
-  `cue_at`: where the cues stand (`_caption_parts`). The weighted answer is the caption's
-  last part: ' <candidate>.', or '<candidate>.' after the query's cue with `cue_at='name'`."""
+  example indices, in prompt order); the keys of `load_fewshot`'s splits. The chunks are
+  captioned by `curriculum.fewshot_captions` (default: the plain format), with query q's
+  generator `np.random.default_rng([q, 11])`. The weighted answer is the last part of the
+  query's caption: ' <candidate>.' in the plain format."""
+  curriculum = Curriculum() if curriculum is None else curriculum
   ids, weighted, images, demo_names = [], [], [], []
   for q, names in enumerate(queries.candidates):
     demo_names.append([queries.support_names[d] for d in demos[q]])
-    demo_cues = query_cue = None
-    if cued:
-      *demo_cues, query_cue = with_cues(demo_names[-1] + [queries.answer[q]],
-                                        np.random.default_rng([q, 11]))
-    context, _ = _chunks(tokenizer, demo_names[-1], demo_cues, cue_at)
+    demo_captions, query_caption = curriculum.fewshot_captions(
+        demo_names[-1], queries.answer[q], np.random.default_rng([q, 11]))
+    context, _ = chunks(tokenizer, demo_captions)
     # The query's caption up to its name; each candidate's name part completes it.
-    query_text = ''.join(text for text, _ in _caption_parts('', query_cue, cue_at)[:-1])
+    query_text = ''.join(text for text, _ in query_caption(queries.answer[q])[:-1])
     prompt = np.concatenate([context, [tokenizer.image_id], tokenizer.encode_text(query_text)])
     row_images = np.stack([queries.support_image(d) for d in demos[q]] + [queries.images[q]])
     for name in names:
-      answer = tokenizer.encode_text(_caption_parts(name, query_cue, cue_at)[-1][0])
+      answer = tokenizer.encode_text(query_caption(name)[-1][0])
       ids.append(np.concatenate([prompt, answer]).astype(np.int32))
       weighted.append(np.concatenate([np.zeros(len(prompt), bool), np.ones(len(answer), bool)]))
       images.append(row_images)
   length = -(-max(len(x) for x in ids) // 8) * 8
-  rows = [_row(x, w, length) for x, w in zip(ids, weighted)]
-  split = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  rows = [row(x, w, length) for x, w in zip(ids, weighted)]
+  split = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
   split.update(image=np.stack(images), answer_index=queries.answer_index,
                candidates=queries.candidates, answer=queries.answer,
                example_id=queries.example_id, demonstrations=demo_names,
@@ -397,8 +330,7 @@ def fewshot_split(tokenizer, queries: FewShotQueries, demos, cued: bool = False,
 
 def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candidates: int,
                  image_size: int, seed: int = 0, demonstrations: str = 'candidates',
-                 names: str = 'seen', cued: bool = False,
-                 cue_at: str = 'image') -> dict[int, dict]:
+                 names: str = 'seen', curriculum: Curriculum | None = None) -> dict[int, dict]:
   """Ranking rows for each number of demonstrations in `shots` (the emoji data built).
 
   The same queries (`fewshot_queries`) serve every k in `shots`. Returns {k: {'image':
@@ -409,7 +341,7 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
   lists of k names, 'answer_shown': bool [n] (the answer is a demonstration's name)}}; row
   q * C + c is query q with candidate c. L_k: the longest row, rounded up to a multiple of 8.
   `demonstrations`: 'candidates' or 'other_names'; `names`: 'seen' or 'unseen' (see the
-  module docstring); `cued`, `cue_at`: see `fewshot_split`.
+  module docstring); `curriculum`: the rows' format (see `fewshot_split`).
   """
   if demonstrations not in ('candidates', 'other_names'):
     raise ValueError(f"demonstrations={demonstrations!r}: use 'candidates' or 'other_names'")
@@ -429,5 +361,5 @@ def load_fewshot(data_dir: str, *, tokenizer, shots, num_queries: int, num_candi
       else:
         allowed = np.flatnonzero(np.array(queries.support_names) != answer)
         demos.append(demo_rng.choice(allowed, k, replace=False))
-    splits[k] = fewshot_split(tokenizer, queries, demos, cued, cue_at)
+    splits[k] = fewshot_split(tokenizer, queries, demos, curriculum)
   return splits

@@ -1,12 +1,13 @@
-"""The data API: build the TFDS datasets, read names and eval splits, iterate train batches.
+"""The data API: build the TFDS datasets, read their splits, names and eval splits, iterate
+train batches.
 
 Datasets are read with `tfds` ArrayRecord data sources and grain. Images come out as float32
-[..., S, S, 3] in [-1, 1]. The train iterator is a grain iterator over an infinite, seeded,
-per-epoch reshuffled sequence; step t's global batch is elements [t*B, (t+1)*B) of it and host
-p of P gets the p-th contiguous block of B/P of those, so the hosts' batches concatenated in
-process order are the one-host batch, row for row. All randomness (order, augmentation, caption
-templates) is a function of (seed, position in the sequence), so `get_state`/`set_state`
-restore exactly.
+[..., S, S, 3] in [-1, 1] (`images`). The train iterator is a grain iterator over an infinite,
+seeded, per-epoch reshuffled sequence; step t's global batch is elements [t*B, (t+1)*B) of it
+and host p of P gets the p-th contiguous block of B/P of those, so the hosts' batches
+concatenated in process order are the one-host batch, row for row. All randomness (order,
+augmentation, caption templates) is a function of (seed, position in the sequence), so
+`get_state`/`set_state` restore exactly.
 """
 
 import fcntl
@@ -15,13 +16,13 @@ import os
 
 import grain
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter
 import tensorflow_datasets as tfds
 
 from mmjax.data import captions
 from mmjax.data import digits
 from mmjax.data import emoji
 from mmjax.data import tuxpaint
+from mmjax.data.images import prepare_image, preprocess
 
 _BUILDERS = {'digits': digits.Digits, 'emoji': emoji.Emoji, 'tuxpaint': tuxpaint.TuxPaint}
 _EVAL_SPLITS = {
@@ -32,9 +33,6 @@ _RETRIEVAL_SPLITS = {
     'emoji': {'heldout_style': ('test_seen', 'test_unseen')},
     'tuxpaint': {'test': ('test',)},
 }
-JITTERED = ('emoji', 'tuxpaint')  # Datasets whose training images get `random_jitter`.
-# Range of the random crop's area fraction (None: no crop).
-CROP_AREA = {'digits': None, 'emoji': (0.8, 1.0), 'tuxpaint': (0.8, 1.0)}
 
 
 def _builder(name: str, data_dir: str):
@@ -48,6 +46,19 @@ def prepared(name: str, data_dir: str):
   if not builder.is_prepared():
     raise FileNotFoundError(f'{name!r} is not built in {data_dir}; call build() first')
   return builder
+
+
+def split_source(name: str, split: str, data_dir: str):
+  """The random-access grain source of a built dataset's split."""
+  return prepared(name, data_dir).as_data_source(split)
+
+
+@functools.lru_cache(maxsize=None)
+def split_texts(name: str, split: str, data_dir: str) -> tuple[dict[str, str], ...]:
+  """The text fields of each example of a built dataset's split, read once per process."""
+  source = split_source(name, split, data_dir)
+  return tuple({key: value.decode() for key, value in source[i].items()
+                if isinstance(value, bytes)} for i in range(len(source)))
 
 
 def build(name: str, data_dir: str) -> None:
@@ -90,39 +101,9 @@ def eval_splits(name: str) -> dict[str, str]:
   return dict(_EVAL_SPLITS[name])
 
 
-def preprocess(image: np.ndarray, image_size: int, box=None, jitter=None) -> np.ndarray:
-  """uint8 [h, w, 1 or 3] -> float32 [S, S, 3] in [-1, 1]; crops to `box` (x0, y0, x1, y1)
-  and applies `jitter` (from `random_jitter`) before resizing."""
-  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB')
-  if jitter:
-    pil = ImageEnhance.Brightness(pil).enhance(jitter['brightness'])
-    pil = ImageEnhance.Contrast(pil).enhance(jitter['contrast'])
-    pil = ImageEnhance.Color(pil).enhance(jitter['saturation'])
-    if jitter['blur']:
-      pil = pil.filter(ImageFilter.GaussianBlur(jitter['blur']))
-  pil = pil.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
-  return np.asarray(pil, np.float32) / 127.5 - 1
-
-
-def random_jitter(rng: np.random.Generator) -> dict[str, float]:
-  """Photometric jitter that keeps hues (names say "red", "green"): brightness, contrast,
-  saturation factors in [0.7, 1.3] and, half the time, a Gaussian blur of up to 1.5 source
-  pixels, so a drawing style's sharp outlines or soft shading is not a shortcut."""
-  brightness, contrast, saturation = rng.uniform(0.7, 1.3, 3)
-  blur = rng.uniform(0, 1.5) if rng.uniform() < 0.5 else 0.0
-  return dict(brightness=brightness, contrast=contrast, saturation=saturation, blur=blur)
-
-
-def random_box(size: int, area: tuple[float, float], rng: np.random.Generator):
-  """A random square crop box covering a fraction in `area` of a [size, size] image."""
-  side = size * np.sqrt(rng.uniform(*area))
-  x0, y0 = rng.uniform(0, size - side, 2)
-  return (x0, y0, x0 + side, y0 + side)
-
-
 def load_eval(name: str, split: str, data_dir: str, image_size: int) -> dict:
   """The whole split: {'image': float32 [N, S, S, 3] in [-1, 1], 'label': int32 [N]}."""
-  examples = _examples(prepared(name, data_dir).as_data_source(split))
+  examples = _examples(split_source(name, split, data_dir))
   return {
       'image': np.stack([preprocess(x['image'], image_size) for x in examples]),
       'label': np.array([x['label'] for x in examples], np.int32),
@@ -163,15 +144,13 @@ def _examples(source) -> list[dict]:
 def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_len, augment):
   """Example `index` of the train split -> {'image', 'text', 'example_id'}, randomised by `rng`."""
   x = source[index]
-  area = CROP_AREA[name] if augment else None
-  box = random_box(x['image'].shape[0], area, rng) if area else None
-  jitter = random_jitter(rng) if augment and name in JITTERED else None
+  image = prepare_image(x['image'], name, image_size, rng if augment else None)
   if 'caption' in x:  # A dataset of sentences (Tux Paint).
     caption = x['caption'].decode()
   else:  # A dataset of names: a caption template is drawn.
     caption = captions.random_caption(name, x['name'].decode(), rng)
   return {
-      'image': preprocess(x['image'], image_size, box, jitter),
+      'image': image,
       'text': tokenizer.encode([caption], max_text_len)[0],
       'example_id': np.int32(index),
   }
@@ -186,7 +165,7 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
   'example_id': int32 [b]} with b = global_batch_size // process_count. Supports
   `get_state()`/`set_state()` and `grain.checkpoint.CheckpointSave/Restore`.
   """
-  source = prepared(name, data_dir).as_data_source('train')
+  source = split_source(name, 'train', data_dir)
   example = functools.partial(
       _train_example, source=source, name=name, tokenizer=tokenizer, image_size=image_size,
       max_text_len=max_text_len, augment=augment)
@@ -221,11 +200,9 @@ def host_batches(ds, *, global_batch_size: int, process_index: int, process_coun
 
 def _image_example(index, rng, *, source, name, image_size, augment, jitter):
   """Example `index` of the train split -> {'image', 'example_id'}, randomised by `rng`."""
-  x = source[index]
-  area = CROP_AREA[name] if augment else None
-  box = random_box(x['image'].shape[0], area, rng) if area else None
-  jitter = random_jitter(rng) if augment and jitter and name in JITTERED else None
-  return {'image': preprocess(x['image'], image_size, box, jitter), 'example_id': np.int32(index)}
+  image = prepare_image(source[index]['image'], name, image_size, rng if augment else None,
+                        jitter)
+  return {'image': image, 'example_id': np.int32(index)}
 
 
 def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_batch_size: int,
@@ -237,7 +214,7 @@ def image_train_iterator(name: str, data_dir: str, *, image_size: int, global_ba
   the same order, host blocks and checkpointable state as `train_iterator`, and its
   augmentations (`jitter=False`: the random crop only, no colour jitter or blur).
   """
-  source = prepared(name, data_dir).as_data_source('train')
+  source = split_source(name, 'train', data_dir)
   example = functools.partial(_image_example, source=source, name=name, image_size=image_size,
                               augment=augment, jitter=jitter)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().random_map(example)

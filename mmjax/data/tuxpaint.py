@@ -17,7 +17,7 @@ renderer among mmjax's dependencies), images without a `.txt` or whose `.txt` ha
 line, and images with no opaque pixel. Mirrored/flipped variants are left out uncounted.
 
 Each example: `image` uint8 [64, 64, 3] (the stamp alpha-composited on white, cropped to its
-bounding box, padded to a square and resized, as `emoji._to_square`), `caption` (the English
+bounding box, padded to a square and resized: `builder.to_square`), `caption` (the English
 sentence, whitespace normalised, e.g. 'A great blue heron.'), `category` (the first directory
 under stamps/, e.g. 'animals'), `path` (e.g. 'animals/birds/heron_greatblue.png') and `label`
 int64 (the stamp's index in the sorted list of kept stamp paths, unique per stamp).
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from mmjax.data.emoji import IMAGE_SIZE, _to_square
+from mmjax.data import builder
 
 STAMPS_DIR = '/usr/share/tuxpaint/stamps'
 APT_PACKAGE = 'tuxpaint-stamps-default'
@@ -138,10 +138,10 @@ def load_image(stamps_dir: str, stamp: Stamp) -> np.ndarray | None:
     black = Image.new('RGBA', rgba.size, 'black')
     black.putalpha(rgba.getchannel('A'))
     rgba = black
-  return _to_square(rgba)
+  return builder.to_square(rgba)
 
 
-def _caption_key(caption: str) -> str:
+def caption_key(caption: str) -> str:
   """A caption's words, casefolded: 'A Silver Gull.' and 'a silver gull' are the same."""
   return ' '.join(re.findall(r'\w+', caption.casefold()))
 
@@ -153,43 +153,31 @@ def split_stamps(captions: list[str], test_fraction: float = TEST_FRACTION,
   round(test_fraction * n) stamps go to 'test', drawn with `seed` among those whose caption
   no other stamp shares; the rest to 'train'.
   """
-  keys = collections.Counter(_caption_key(c) for c in captions)
-  unique = [i for i, c in enumerate(captions) if keys[_caption_key(c)] == 1]
+  keys = collections.Counter(caption_key(c) for c in captions)
+  unique = [i for i, c in enumerate(captions) if keys[caption_key(c)] == 1]
   n_test = min(round(test_fraction * len(captions)), len(unique))
   order = np.random.default_rng(seed).permutation(len(unique))
   test = {unique[j] for j in order[:n_test]}
   return ['test' if i in test else 'train' for i in range(len(captions))]
 
 
-class TuxPaint(tfds.core.GeneratorBasedBuilder):
+class TuxPaint(builder.Builder):
   """Tux Paint rubber stamps captioned with their English descriptions."""
 
   VERSION = tfds.core.Version('1.0.0')
-  # Nothing to download: skip TFDS's checksums lookup, which on Python >= 3.9 imports the
-  # `importlib_resources` backport that TFDS does not install.
-  code_path = None
+  FEATURES = {
+      'image': tfds.features.Tensor(shape=(builder.IMAGE_SIZE, builder.IMAGE_SIZE, 3),
+                                    dtype=np.uint8),
+      'caption': tfds.features.Text(),
+      'category': tfds.features.Text(),
+      'path': tfds.features.Text(),
+      'label': tfds.features.Scalar(dtype=np.int64),
+  }
+  HOMEPAGE = 'https://tuxpaint.org'
+  LICENSE = 'GPL-2.0-or-later'
+  METADATA = True
 
-  def __init__(self, **kwargs):
-    super().__init__(file_format='array_record', **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
-            'caption': tfds.features.Text(),
-            'category': tfds.features.Text(),
-            'path': tfds.features.Text(),
-            'label': tfds.features.Scalar(dtype=np.int64),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        homepage='https://tuxpaint.org',
-        license='GPL-2.0-or-later',
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything comes from the installed apt package.
+  def split_examples(self):
     stamps_dir = STAMPS_DIR
     stamps, skipped = find_stamps(stamps_dir)
     images = [load_image(stamps_dir, s) for s in stamps]
@@ -213,7 +201,4 @@ class TuxPaint(tfds.core.GeneratorBasedBuilder):
           'path': stamp.path,
           'label': label,
       }))
-    return {split: self._generate_examples(x) for split, x in examples.items()}
-
-  def _generate_examples(self, examples):
-    yield from examples
+    return examples

@@ -9,8 +9,6 @@ int32 [b, P], 'prompt_mask': bool [b, P]}; the ids are decoded up to the first E
 Java-free: pycocoevalcap's PTB tokenizer is replaced by `caption_words`.
 """
 
-import json
-import os
 import re
 import unicodedata
 
@@ -19,6 +17,7 @@ from pycocoevalcap.cider.cider import Cider
 import sacrebleu
 
 from mmjax.data import instruct
+from mmjax.evals import reports
 from mmjax.evals.batching import BatchedApply
 
 REPORT_EXAMPLES = 100
@@ -109,46 +108,42 @@ class AnswerEvaluator:
     return report
 
   def write_report(self, directory: str, step: int) -> list[str]:
-    path = os.path.join(directory, f'{self.name}_report_{step}.json')
-    with open(path, 'w') as f:
-      json.dump(self.report(), f, indent=1)
-    return [path]
+    return reports.write_json(directory, self.name, step, self.report())
 
 
-def _from_config(eval_config, task, mesh, name, default_kinds) -> AnswerEvaluator:
-  kinds = list(eval_config.get('kinds') or default_kinds)
+def _from_config(capabilities, data, mesh, name, kinds, default_kinds,
+                batch_size) -> AnswerEvaluator:
+  generator = capabilities.require('generator', f'config.evals.{name}')
+  kinds = list(kinds or default_kinds)
   if not kinds:
-    raise ValueError(f'{name}: no question kind to evaluate is installed here (installed: '
-                     f'{instruct.available_kinds()})')
+    raise ValueError(f'config.evals.{name}: no question kind to evaluate is installed here '
+                     f'(installed: {instruct.available_kinds()})')
   unavailable = set(kinds) - set(instruct.available_kinds())
   if unavailable:
     raise ValueError(f'question kinds {sorted(unavailable)} are unknown or their data is not '
                      f'installed; available: {instruct.available_kinds()}')
-  instruct.build(task.data_dir, kinds)
-  data = task.config.data
+  instruct.build(data.data_dir, kinds)
   splits = instruct.load_eval(
-      task.data_dir, tokenizer=task.tokenizer, kinds=kinds,
+      data.data_dir, tokenizer=data.tokenizer, kinds=kinds,
       num_image_tokens=data.num_image_tokens, image_size=data.image_size,
-      prompt_len=data.get('prompt_len'))
+      prompt_len=data.prompt_len)
   caption_kinds = [k for k in kinds if instruct.QUESTION_KINDS[k].captioning]
-  return AnswerEvaluator(answer_fn=task.answer_fn(mesh), tokenizer=task.tokenizer,
-                         splits=splits, caption_kinds=caption_kinds,
-                         batch_size=eval_config.batch_size, mesh=mesh, name=name)
+  return AnswerEvaluator(answer_fn=generator.generate, tokenizer=data.tokenizer,
+                         splits=splits, caption_kinds=caption_kinds, batch_size=batch_size,
+                         mesh=mesh, name=name)
 
 
-def captioning_from_config(eval_config, task, mesh) -> AnswerEvaluator:
-  """Options: kinds (default: the installed caption kinds), batch_size.
-
-  The task provides `answer_fn(mesh)` (-> answer_fn above), `tokenizer` (an
-  `instruct.ByteLMTokenizer`), `data_dir` and `config.data` with `image_size`,
-  `num_image_tokens` and optionally `prompt_len`.
-  """
-  kinds = [k for k in instruct.available_kinds() if instruct.QUESTION_KINDS[k].captioning]
-  return _from_config(eval_config, task, mesh, 'captioning', kinds)
+def captioning_from_config(capabilities, data, mesh, *, name, batch_size,
+                           kinds=None) -> AnswerEvaluator:
+  """Answers of a `Generator` to the question `kinds` (default: the installed caption
+  kinds), scored by exact match, CIDEr and BLEU-4; prompts as `EvalData` says (tokenizer,
+  image size, image tokens, prompt length)."""
+  default = [k for k in instruct.available_kinds() if instruct.QUESTION_KINDS[k].captioning]
+  return _from_config(capabilities, data, mesh, name, kinds, default, batch_size)
 
 
-def qa_from_config(eval_config, task, mesh) -> AnswerEvaluator:
-  """Options: kinds (default: the installed short-answer kinds), batch_size; the task as for
-  `captioning_from_config`."""
-  kinds = [k for k in instruct.available_kinds() if not instruct.QUESTION_KINDS[k].captioning]
-  return _from_config(eval_config, task, mesh, 'qa', kinds)
+def qa_from_config(capabilities, data, mesh, *, name, batch_size, kinds=None) -> AnswerEvaluator:
+  """As `captioning_from_config`, default kinds: the installed short-answer kinds."""
+  default = [k for k in instruct.available_kinds()
+             if not instruct.QUESTION_KINDS[k].captioning]
+  return _from_config(capabilities, data, mesh, name, kinds, default, batch_size)

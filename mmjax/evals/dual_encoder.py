@@ -1,8 +1,7 @@
-"""Builds the dual-encoder evaluators (zero-shot, retrieval) from a task and its config.
+"""Builds the dual-encoder evaluators (zero-shot, retrieval) from a `DualEncoder` capability.
 
-The task provides `encode_image(params, images)`, `encode_text(params, token_ids)`,
-`tokenizer`, `config` and `data_dir`; the eval config names the dataset (default: the
-training dataset), the batch size and the evaluator's own options.
+The eval data: a dataset of `mmjax.data.pipeline` (default: the task's training dataset,
+`EvalData.dataset`) at the task's image size; it is built on first use.
 """
 
 from mmjax.data import captions
@@ -11,32 +10,34 @@ from mmjax.evals.retrieval import RetrievalEvaluator
 from mmjax.evals.zeroshot import ZeroShotEvaluator
 
 
-def _dataset(eval_config, task) -> str:
-  dataset = eval_config.get('dataset') or task.config.data.name
-  pipeline.build(dataset, task.data_dir)
+def _dataset(dataset, data) -> str:
+  dataset = dataset or data.dataset
+  pipeline.build(dataset, data.data_dir)
   return dataset
 
 
-def _encoders(task) -> dict:
-  return dict(encode_image=task.encode_image, encode_text=task.encode_text,
-              tokenizer=task.tokenizer, max_text_len=task.config.data.max_text_len)
+def _encoders(capabilities, evaluator: str) -> dict:
+  encoder = capabilities.require('dual_encoder', evaluator)
+  return dict(encode_image=encoder.encode_image, encode_text=encoder.encode_text,
+              tokenize=encoder.tokenize)
 
 
-def zeroshot_from_config(eval_config, task, mesh) -> ZeroShotEvaluator:
-  """Options: dataset, templates ('name' | 'hand' | 'clip80'), batch_size."""
-  dataset = _dataset(eval_config, task)
-  image_size = task.config.data.image_size
-  splits = {name: pipeline.load_eval(dataset, split, task.data_dir, image_size)
-            for name, split in pipeline.eval_splits(dataset).items()}
+def zeroshot_from_config(capabilities, data, mesh, *, name, batch_size, dataset=None,
+                         templates='hand') -> ZeroShotEvaluator:
+  """templates: 'name' (the class name alone), 'hand' (the dataset's own) or 'clip80'."""
+  dataset = _dataset(dataset, data)
+  splits = {split_name: pipeline.load_eval(dataset, split, data.data_dir, data.image_size)
+            for split_name, split in pipeline.eval_splits(dataset).items()}
   return ZeroShotEvaluator(
-      class_names=pipeline.class_names(dataset, task.data_dir),
-      templates=captions.zeroshot_templates(dataset, eval_config.get('templates', 'hand')),
-      splits=splits, batch_size=eval_config.batch_size, mesh=mesh, **_encoders(task))
+      class_names=pipeline.class_names(dataset, data.data_dir),
+      templates=captions.zeroshot_templates(dataset, templates), splits=splits,
+      batch_size=batch_size, mesh=mesh, **_encoders(capabilities, f'config.evals.{name}'))
 
 
-def retrieval_from_config(eval_config, task, mesh) -> RetrievalEvaluator:
-  """Options: dataset, batch_size."""
-  dataset = _dataset(eval_config, task)
-  splits = pipeline.load_retrieval(dataset, task.data_dir, task.config.data.image_size)
-  return RetrievalEvaluator(splits=splits, batch_size=eval_config.batch_size, mesh=mesh,
-                            **_encoders(task))
+def retrieval_from_config(capabilities, data, mesh, *, name, batch_size,
+                          dataset=None) -> RetrievalEvaluator:
+  """Image <-> text Recall@K on the dataset's retrieval splits."""
+  dataset = _dataset(dataset, data)
+  splits = pipeline.load_retrieval(dataset, data.data_dir, data.image_size)
+  return RetrievalEvaluator(splits=splits, batch_size=batch_size, mesh=mesh,
+                            **_encoders(capabilities, f'config.evals.{name}'))

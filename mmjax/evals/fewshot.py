@@ -21,22 +21,23 @@ name regardless of its position picks the last in 1/k of the former; one that co
 nearest name, in all of it. (With retrieved demonstrations the last is also the most similar.)
 
 `score_fn(params, batch) -> float32 [b]`, batch = {'image' [b, k + 1, S, S, 3], 'tokens',
-'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: the task's (`FlamingoTask.score_fn`).
+'targets' int32 [b, L], 'loss_weights' float32 [b, L]}: a `capabilities.Scorer`'s.
 
 Open-ended (`mode='generate'`, `FewShotGenerationEvaluator`): the same prompts, no
-candidates; the model writes the caption's end greedily (`answer_fn`, the task's) and the
-name it writes must be the answer exactly (`<k>shot/exact_match`; chance is ~0 for a model
-that cannot see), which is Flamingo's open-ended captioning and VQA setting. Besides the
-shown/not-shown split, `<k>shot/named_shown`: the fraction of queries whose written name is
-a demonstration's (copying), for k > 0.
+candidates; the model writes the caption's end greedily (`answer_fn`, a
+`capabilities.Generator`'s) and the name it writes must be the answer exactly
+(`<k>shot/exact_match`; chance is ~0 for a model that cannot see), which is Flamingo's
+open-ended captioning and VQA setting. Besides the shown/not-shown split,
+`<k>shot/named_shown`: the fraction of queries whose written name is a demonstration's
+(copying), for k > 0.
 """
 
-import json
-import os
 
 import numpy as np
 
 from mmjax.data import interleaved
+from mmjax.data import pipeline
+from mmjax.evals import reports
 from mmjax.evals.batching import BatchedApply
 
 ROW_KEYS = ('image', 'tokens', 'targets', 'loss_weights')
@@ -211,50 +212,49 @@ class FewShotGenerationEvaluator:
     return metrics
 
   def write_report(self, directory: str, step: int, num_examples: int = 100) -> list[str]:
-    path = os.path.join(directory, f'{self.name}_report_{step}.json')
-    with open(path, 'w') as f:
-      json.dump({f'{k}shot': examples[:num_examples] for k, examples in self._last.items()}, f,
-                indent=1)
-    return [path]
+    return reports.write_json(
+        directory, self.name, step,
+        {f'{k}shot': examples[:num_examples] for k, examples in self._last.items()})
 
 
-def fewshot_from_config(eval_config, task, mesh):
-  """Options: shots (default (0, 1, 4)), num_queries, num_candidates, batch_size, seed,
-  demonstrations ('candidates' (default), 'other_names' (see `interleaved.load_fewshot`) or
-  'retrieved' (`RetrievedDemonstrations`)), names ('seen' (default) or 'unseen': the queries'
-  names, see `mmjax.data.interleaved`), cued (default False: the text says which
-  demonstration shows the answer, `interleaved.fewshot_split`, with the cues where the
-  task's `config.data.cue_at` puts them), mode ('rank' (default): `FewShotEvaluator`, or
-  'generate': `FewShotGenerationEvaluator`, the candidates unused).
+def fewshot_from_config(capabilities, data, mesh, *, name, num_queries, num_candidates,
+                        batch_size, shots=(0, 1, 4), demonstrations='candidates', names='seen',
+                        seed=0, curriculum='', mode='rank'):
+  """Few-shot naming of held-out-style emoji (the emoji data in `EvalData.data_dir`, images at
+  its size, rows in its tokenizer's ids).
 
-  The task provides `score_fn(mesh)` (-> score_fn above) or, to generate, `answer_fn(mesh)`,
-  `tokenizer`, `data_dir` (emoji built), `config.data.image_size` and, for 'retrieved',
-  `image_embedding_fn(mesh)`.
+  demonstrations: 'candidates' or 'other_names' (`interleaved.load_fewshot`) or 'retrieved'
+  (`RetrievedDemonstrations`, needs an `ImageEmbedder`); names: 'seen' or 'unseen' (the
+  queries' names, see `mmjax.data.interleaved`); curriculum: the rows' format, '' (plain) or
+  a curriculum file and options (`interleaved.load_curriculum`, `fewshot_split`); mode: 'rank'
+  (`FewShotEvaluator`, needs a `Scorer`) or 'generate' (`FewShotGenerationEvaluator`, needs
+  a `Generator`; the candidates unused).
   """
-  mode = eval_config.get('mode', 'rank')
+  evaluator = f'config.evals.{name}'
   if mode not in ('rank', 'generate'):
-    raise ValueError(f"mode={mode!r}: use 'rank' or 'generate'")
-  shots = tuple(eval_config.get('shots', (0, 1, 4)))
-  demonstrations = eval_config.get('demonstrations', 'candidates')
-  options = dict(num_queries=eval_config.num_queries, num_candidates=eval_config.num_candidates,
-                 image_size=task.config.data.image_size, seed=eval_config.get('seed', 0),
-                 names=eval_config.get('names', 'seen'))
-  cued = eval_config.get('cued', False)
+    raise ValueError(f"{evaluator}.mode={mode!r}: use 'rank' or 'generate'")
+  shots = tuple(shots)
+  pipeline.build('emoji', data.data_dir)
+  options = dict(num_queries=num_queries, num_candidates=num_candidates,
+                 image_size=data.image_size, seed=seed, names=names)
   if demonstrations == 'retrieved':
-    if cued:
-      raise ValueError("cued=True needs demonstrations 'candidates' or 'other_names'")
+    if curriculum:
+      raise ValueError(f"{evaluator}: a curriculum needs demonstrations 'candidates' or "
+                       "'other_names'")
     splits = RetrievedDemonstrations(
-        queries=interleaved.fewshot_queries(task.data_dir, **options),
-        tokenizer=task.tokenizer, shots=shots, embed_fn=task.image_embedding_fn(mesh),
-        mesh=mesh, batch_size=eval_config.batch_size)
+        queries=interleaved.fewshot_queries(data.data_dir, **options),
+        tokenizer=data.tokenizer, shots=shots,
+        embed_fn=capabilities.require('image_embedder', evaluator).embed, mesh=mesh,
+        batch_size=batch_size)
   else:
-    splits = interleaved.load_fewshot(task.data_dir, tokenizer=task.tokenizer, shots=shots,
-                                      demonstrations=demonstrations, cued=cued,
-                                      cue_at=task.config.data.get('cue_at', 'image'), **options)
+    splits = interleaved.load_fewshot(data.data_dir, tokenizer=data.tokenizer, shots=shots,
+                                      demonstrations=demonstrations,
+                                      curriculum=interleaved.load_curriculum(curriculum),
+                                      **options)
   if mode == 'generate':
     return FewShotGenerationEvaluator(
-        answer_fn=task.answer_fn(mesh), tokenizer=task.tokenizer, splits=splits,
-        batch_size=eval_config.batch_size, mesh=mesh,
-        name=f"fewshot_generated_{options['names']}_{demonstrations}")
-  return FewShotEvaluator(score_fn=task.score_fn(mesh), splits=splits,
-                          batch_size=eval_config.batch_size, mesh=mesh)
+        answer_fn=capabilities.require('generator', evaluator).generate,
+        tokenizer=data.tokenizer, splits=splits, batch_size=batch_size, mesh=mesh,
+        name=f'fewshot_generated_{names}_{demonstrations}')
+  return FewShotEvaluator(score_fn=capabilities.require('scorer', evaluator).score,
+                          splits=splits, batch_size=batch_size, mesh=mesh)

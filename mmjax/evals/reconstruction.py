@@ -145,19 +145,18 @@ def image_grid(originals: np.ndarray, reconstructions: np.ndarray, columns: int,
   return grid
 
 
-def reconstruction_from_config(eval_config, task, mesh) -> ReconstructionEvaluator:
-  """Options: dataset (default: the training one), batch_size, grid_images.
-
-  The task provides `tokenize(params, images)`, `detokenize(params, tokens)`, `model`
-  (with `num_codes`), `config` and `data_dir`; the held-out splits are the dataset's
-  evaluation splits (emoji: the held-out style, seen and unseen names).
-  """
-  dataset = eval_config.get('dataset') or task.config.data.name
-  pipeline.build(dataset, task.data_dir)
-  splits = {name: pipeline.load_eval(dataset, split, task.data_dir,
-                                     task.config.data.image_size)['image']
-            for name, split in pipeline.eval_splits(dataset).items()}
+def reconstruction_from_config(capabilities, data, mesh, *, name, batch_size, dataset=None,
+                               grid_images=16) -> ReconstructionEvaluator:
+  """PSNR, SSIM and codebook use of an `ImageTokenizer` on the evaluation splits of `dataset`
+  (default: the training one, `EvalData.dataset`; emoji: the held-out style, seen and unseen
+  names), at the task's image size; `grid_images` per split in the report's PNG."""
+  tokenizer = capabilities.require('image_tokenizer', f'config.evals.{name}')
+  dataset = dataset or data.dataset
+  pipeline.build(dataset, data.data_dir)
+  splits = {split_name: pipeline.load_eval(dataset, split, data.data_dir,
+                                           data.image_size)['image']
+            for split_name, split in pipeline.eval_splits(dataset).items()}
   return ReconstructionEvaluator(
-      tokenize=task.tokenize, detokenize=task.detokenize, num_codes=task.model.num_codes,
-      splits=splits, batch_size=eval_config.batch_size, mesh=mesh,
-      grid_images=eval_config.get('grid_images', 16))
+      tokenize=tokenizer.tokenize, detokenize=tokenizer.detokenize,
+      num_codes=tokenizer.num_codes, splits=splits, batch_size=batch_size, mesh=mesh,
+      grid_images=grid_images)

@@ -44,10 +44,10 @@ class RetrievalEvaluator:
 
   splits maps a name to `{'image': [n, h, w, 3], 'caption': [m] str, 'text_to_image': [m]}`
   (captions without an image are not allowed; an image may have several captions).
+  encode_image, encode_text, tokenize: as `capabilities.DualEncoder`'s.
   """
 
-  def __init__(self, *, encode_image, encode_text, tokenizer, max_text_len, splits,
-               batch_size, mesh):
+  def __init__(self, *, encode_image, encode_text, tokenize, splits, batch_size, mesh):
     self.splits = splits
     for name, split in splits.items():
       index = np.asarray(split['text_to_image'])
@@ -57,7 +57,7 @@ class RetrievalEvaluator:
       if len(index) and (index.min() < 0 or index.max() >= len(split['image'])):
         raise ValueError(f'retrieval split {name!r}: text_to_image points outside the '
                          f'{len(split["image"])} images')
-    self.token_ids = {name: tokenizer.encode(list(split['caption']), max_text_len)
+    self.token_ids = {name: tokenize(list(split['caption']))
                       for name, split in splits.items()}
     self._encode_image = BatchedApply(encode_image, mesh, batch_size)
     self._encode_text = BatchedApply(encode_text, mesh, batch_size)

@@ -8,11 +8,10 @@ confused class pairs.
 """
 
 import collections
-import json
-import os
 
 import numpy as np
 
+from mmjax.evals import reports
 from mmjax.evals.batching import BatchedApply
 
 TOP_K = (1, 5, 10)
@@ -29,18 +28,18 @@ class ZeroShotEvaluator:
   """`run(params)` -> `{'<split>/top1': ..., '<split>/top5': ..., '<split>/top10': ...}`.
 
   encode_image(params, images [b, h, w, 3]) and encode_text(params, token_ids [b, l]) return
-  unit-norm embeddings `[b, d]`; `splits` maps a name to `{'image': [n, h, w, 3],
-  'label': [n]}` with labels indexing `class_names`; `templates` are format strings.
+  unit-norm embeddings `[b, d]`; tokenize(texts) -> int32 [n, l] the ids encode_text reads;
+  `splits` maps a name to `{'image': [n, h, w, 3], 'label': [n]}` with labels indexing
+  `class_names`; `templates` are format strings.
   """
 
-  def __init__(self, *, encode_image, encode_text, tokenizer, max_text_len, class_names,
-               templates, splits, batch_size, mesh):
+  def __init__(self, *, encode_image, encode_text, tokenize, class_names, templates, splits,
+               batch_size, mesh):
     self.splits = splits
     self.class_names = list(class_names)
     self.templates = list(templates)
-    self.token_ids = tokenizer.encode(
-        [template.format(name) for name in self.class_names for template in self.templates],
-        max_text_len)
+    self.token_ids = tokenize(
+        [template.format(name) for name in self.class_names for template in self.templates])
     self._encode_image = BatchedApply(encode_image, mesh, batch_size)
     self._encode_text = BatchedApply(encode_text, mesh, batch_size)
     self._last_scores = {}
@@ -88,7 +87,4 @@ class ZeroShotEvaluator:
     return report
 
   def write_report(self, directory: str, step: int) -> list[str]:
-    path = os.path.join(directory, f'zeroshot_report_{step}.json')
-    with open(path, 'w') as f:
-      json.dump(self.report(), f, indent=1)
-    return [path]
+    return reports.write_json(directory, 'zeroshot', step, self.report())

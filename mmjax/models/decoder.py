@@ -7,13 +7,15 @@ tied). Matches Hugging Face `LlamaForCausalLM` (`mmjax.convert.hf_llama`).
     lm = DecoderLM(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=8,
                    mlp_dim=14336)
     logits, _ = lm.apply({'params': params}, tokens)              # [b, l, vocab] float32
-    cache = init_cache(lm, batch, max_len)
+    cache = lm.init_cache(batch, max_len)
     logits, cache = lm.apply({'params': params}, prompt, cache=cache, cache_index=0)
     logits, cache = lm.apply({'params': params}, next_tokens, cache=cache,
                              cache_index=prompt.shape[1])
 
 A parent module calls `self.lm.embed(tokens)` and `self.lm(embeddings=...)` to splice
-other modalities into the embedded sequence (LLaVA).
+other modalities into the embedded sequence (LLaVA), and `self.lm.head(x)` for the logits
+of its own decoder stack (Flamingo). `init_cache`, `decode` and `embed` are the decoder
+protocol of `mmjax.generate`.
 """
 
 import flax.linen as nn
@@ -157,19 +159,34 @@ class DecoderLM(nn.Module):
       first_slot = 0 if cache is None else cache_index
       positions = jnp.broadcast_to(first_slot + jnp.arange(x.shape[1]), x.shape[:2])
     x, cache = self.decoder(x, positions, kv_mask, cache, cache_index)
+    return self.head(x), cache
+
+  def head(self, x):
+    """The decoder stack's output `[batch, length, width]` -> logits `[batch, length, vocab]`
+    float32: `ln_final`, then `lm_head` (or the token embedding table, tied)."""
     x = self.ln_final(x)
     if self.tie_embeddings:
       logits = jnp.einsum('ble,ve->blv', x, self.token_embed.astype(self.dtype))
     else:
       logits = self.lm_head(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                        ('act_batch', 'act_length', None))
-    return logits, cache
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ('act_batch', 'act_length', None))
 
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """Zeros `{'key', 'value'}`, each `[depth, batch, max_len, num_kv_heads, head_dim]` in
+    `dtype` (default the compute dtype). Works on an unbound module."""
+    head_dim = self.head_dim or self.width // self.num_heads
+    shape = (self.depth, batch, max_len, self.num_kv_heads, head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    return {'key': jnp.zeros(shape, dtype), 'value': jnp.zeros(shape, dtype)}
 
-def init_cache(lm: DecoderLM, batch: int, max_len: int, dtype=None) -> dict:
-  """Zeros `{'key', 'value'}`, each `[depth, batch, max_len, num_kv_heads, head_dim]`."""
-  head_dim = lm.head_dim or lm.width // lm.num_heads
-  shape = (lm.depth, batch, max_len, lm.num_kv_heads, head_dim)
-  dtype = lm.dtype if dtype is None else dtype
-  return {'key': jnp.zeros(shape, dtype), 'value': jnp.zeros(shape, dtype)}
+  def decode(self, tokens=None, *, embeddings=None, context=None, positions=None, kv_mask=None,
+             cache=None, cache_index=None):
+    """`__call__` as `mmjax.generate.Decoder.decode`: (logits `[b, l, vocab]` float32, new
+    cache or None). A plain LM reads no `context` (it must be None)."""
+    if context is not None:
+      raise ValueError(f'a DecoderLM reads no context, got one of shape {context.shape} (a '
+                       'Flamingo reads media, a LLaVA image features)')
+    return self(tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask,
+                cache=cache, cache_index=cache_index)

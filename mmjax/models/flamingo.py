@@ -1,38 +1,51 @@
 """Flamingo: a frozen decoder LM reading visual tokens through tanh-gated cross-attention.
 
 Alayrac et al., "Flamingo: a Visual Language Model for Few-Shot Learning", as OpenFlamingo
-builds it (open_flamingo/src/helpers.py, flamingo_lm.py). A `GatedCrossAttentionBlock`
-runs before every `cross_attn_every`-th layer of the LM (layer i for (i + 1) % every == 0,
-OpenFlamingo's placement): `x + tanh(attn_gate) * xattn(ln(x), media)`, then
-`x + tanh(ff_gate) * ff(x)`. Both gates start at 0, so at init the model is the LM exactly.
+builds it (open_flamingo/src/helpers.py, flamingo_lm.py). Two models:
 
-Media are already resampled visual tokens `[batch, images, latents, media_width]` (the
-Perceiver resampler's output). Text token j sees the latents of image
-`text_time[j] = #<image> tokens at or before j` (only the latest image, default) or of
-every image up to it (`only_attend_immediate_media=False`); tokens before the first
+`Flamingo` is the whole family model: images `[batch, K, S, S, 3]` (one per `<image>` token)
+go through the vision tower (our `ViT`, `pool='none'`, `ViT.patch_features`: the last
+block's tokens, class token dropped), the Perceiver resampler (`mmjax.models.resampler`) and,
+when the vision and LM widths differ, a linear `media_projection`, giving the media
+`[batch, K, latents, lm_width]` that the text reads through `FlamingoLM`.
+Params: `{'vision_tower', 'resampler', 'media_projection' (only when the widths differ), 'lm',
+'gated_xattn'}`, initialised part by part by `Flamingo.init_params`.
+
+`FlamingoLM` is the gated LM on media that are already resampled visual tokens `[batch,
+images, latents, media_width]`. A `GatedCrossAttentionBlock` runs before every
+`cross_attn_every`-th layer of the LM (layer i for (i + 1) % every == 0, OpenFlamingo's
+placement): `x + tanh(attn_gate) * xattn(ln(x), media)`, then `x + tanh(ff_gate) * ff(x)`.
+Both gates start at 0, so at init the model is the LM exactly. Text token j sees the latents
+of image `text_time[j] = #<image> tokens at or before j` (only the latest image, default) or
+of every image up to it (`only_attend_immediate_media=False`); tokens before the first
 `<image>` see no media and get exactly zero from the cross-attention.
-
-Params: `lm` (a `DecoderLM` tree, so a trained LM loads in unchanged) and `gated_xattn`
-(the gated blocks, stacked on a leading `layers` axis of length depth / cross_attn_every).
+Params: `lm` (a `DecoderLM` tree, so a trained LM loads in unchanged) and `gated_xattn` (the
+gated blocks, stacked on a leading `layers` axis of length depth / cross_attn_every).
 `config.trainable = 'gated_xattn/.*'` (`mmjax.train.trainable_mask`) freezes the LM.
 
-    model = Flamingo(language_model=dict(vocab_size=32000, width=4096, depth=32, ...),
+    model = Flamingo(vision=dict(patch_size=14, width=1024, depth=23, num_heads=16),
+                     perceiver=dict(num_latents=64, depth=6),
+                     language_model=dict(vocab_size=32000, width=4096, depth=32, ...),
                      media_token_id=32000, cross_attn_every=4)
-    logits = model.apply({'params': params}, tokens, media)        # [b, l, vocab] float32
+    params = model.init_params(rng, images, tokens)
+    logits = model.apply({'params': params}, images, tokens)         # [b, l, vocab] float32
+    media = model.apply({'params': params}, images, method=model.media)
+    generate.generate(model, {'params': params}, prompt_tokens=..., context=media, ...)
 
 The layers run as one `nn.scan` over groups of `cross_attn_every` decoder layers with the
-gated block before the group's last layer; the decoder's parameters enter the scan as
-data (stacked `[groups, every, ...]`), which keeps them under `lm` while the gated
-blocks' own parameters are scanned under `gated_xattn`.
+gated block before the group's last layer; the decoder's parameters enter the scan as data
+(stacked `[groups, every, ...]`), which keeps them under `lm` while the gated blocks' own
+parameters are scanned under `gated_xattn`.
 
-Generation with a KV cache (`mmjax.generate.generate(model, ..., media=...)`): `decode` takes
-the LM's cache (`init_cache`, `DecoderLM`'s, threaded through the groups) and `images_before
-[batch]`, the `<image>` tokens before this call's first token, so that a new token sees the
-image its row last showed. The media keys and values are
-recomputed at each step (a few latents per image, cheap next to the decoder's cache).
+Both models are `mmjax.generate` decoders (`init_cache`, `decode`, `embed`) whose context is
+the media. The cache is `{'lm': the LM's KV cache, 'images_seen': [batch] int32}`, the
+`<image>` tokens of each row before the call's first token, so that a new token sees the
+image its row last showed. The media keys and values are recomputed at each step (a few
+latents per image, cheap next to the decoder's cache).
 """
 
-import flax
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,6 +53,8 @@ import jax.numpy as jnp
 from mmjax.models import layers
 from mmjax.models import decoder
 from mmjax.models.decoder import DecoderBlock, DecoderLM
+from mmjax.models.resampler import PerceiverResampler
+from mmjax.models.vit import ViT
 
 
 def text_to_media_mask(tokens, media_token_id: int, num_images: int, latents: int,
@@ -113,7 +128,7 @@ class GatedCrossAttentionBlock(nn.Module):
     return constrain(x + gate('ff_gate') * h)
 
 
-class Flamingo(nn.Module):
+class FlamingoLM(nn.Module):
   """Token ids `[batch, length]` and media `[batch, images, latents, media_width]` -> logits.
 
   Fields:
@@ -136,8 +151,7 @@ class Flamingo(nn.Module):
   dtype: layers.Dtype = jnp.float32
 
   def __post_init__(self):
-    # Hashable, so that the module can be a static argument of jit (as in mmjax.generate).
-    object.__setattr__(self, 'language_model', flax.core.FrozenDict(self.language_model))
+    layers.freeze_dict_fields(self, 'language_model')
     super().__post_init__()
 
   def setup(self):
@@ -166,16 +180,42 @@ class Flamingo(nn.Module):
     logits, _ = self._forward(tokens, media, positions, kv_mask)
     return logits
 
-  def decode(self, tokens, media, *, cache, cache_index, images_before, positions=None,
-             kv_mask=None):
-    """(logits `[batch, length, vocab]` float32, updated cache): `__call__` with a KV cache.
+  def embed(self, tokens):
+    """`[batch, length]` int -> the LM's token embeddings `[batch, length, width]`."""
+    return self.lm.embed(tokens)
 
-    `cache`: `init_cache(model, batch, max_len)` or an earlier call's; `cache_index` int32
-    scalar, the slot of `tokens[:, 0]`; `images_before [batch]` int, the `<image>` tokens of
-    each row in the slots before it. `positions` (default `cache_index + arange(length)`)
-    and `kv_mask [batch, max_len]` as in `DecoderLM` with a cache.
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """`{'lm': DecoderLM.init_cache(batch, max_len, dtype), 'images_seen': zeros [batch]
+    int32}`, the empty cache of `decode`. Works on an unbound module."""
+    lm = DecoderLM(**self.language_model, dtype=self.dtype, parent=None)
+    return {'lm': lm.init_cache(batch, max_len, dtype),
+            'images_seen': jnp.zeros(batch, jnp.int32)}
+
+  def decode(self, tokens=None, *, embeddings=None, context=None, positions=None, kv_mask=None,
+             cache=None, cache_index=None):
+    """(logits `[batch, length, vocab]` float32, new cache or None): the
+    `mmjax.generate.Decoder` step on token ids (not embeddings: the media mask counts the
+    `<image>` tokens) and `context` = media `[batch, images, latents, media_width]`.
+
+    Without a cache, `__call__`. With one (`init_cache` or an earlier call's; `cache_index`
+    int32 scalar, the slot of `tokens[:, 0]`), each row's `images_seen` shifts its image count
+    and grows by the call's `<image>` tokens. `positions` (default `cache_index +
+    arange(length)`) and `kv_mask [batch, max_len]` as in `DecoderLM` with a cache.
     """
-    return self._forward(tokens, media, positions, kv_mask, cache, cache_index, images_before)
+    if tokens is None or embeddings is not None:
+      raise ValueError('a Flamingo reads token ids (its media mask counts <image> tokens), '
+                       'not embeddings')
+    if context is None:
+      raise ValueError('a Flamingo reads media: pass context=media [batch, images, latents, '
+                       'width]')
+    if cache is None:
+      return self._forward(tokens, context, positions, kv_mask)
+    images_seen = cache['images_seen']
+    logits, lm_cache = self._forward(tokens, context, positions, kv_mask, cache['lm'],
+                                     cache_index, images_seen)
+    images_seen = images_seen + jnp.sum(tokens == self.media_token_id, axis=1, dtype=jnp.int32)
+    return logits, {'lm': lm_cache, 'images_seen': images_seen}
 
   def _forward(self, tokens, media, positions, kv_mask, cache=None, cache_index=None,
                images_before=None):
@@ -218,17 +258,122 @@ class Flamingo(nn.Module):
     if cache is not None:
       cache = {name: nn.with_logical_constraint(c.reshape(-1, *c.shape[2:]), decoder.CACHE_AXES)
                for name, c in group_caches.items()}
-    x = lm.ln_final(x)
-    if lm.tie_embeddings:
-      logits = jnp.einsum('ble,ve->blv', x, lm.token_embed.astype(self.dtype))
-    else:
-      logits = lm.lm_head(x)
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                        ('act_batch', 'act_length', None))
-    return logits, cache
+    return lm.head(x), cache
 
 
-def init_cache(model: Flamingo, batch: int, max_len: int, dtype=None) -> dict:
-  """The empty KV cache of `model`'s LM for `Flamingo.decode` (`decoder.init_cache`)."""
-  lm = DecoderLM(**model.language_model, dtype=model.dtype)
-  return decoder.init_cache(lm, batch, max_len, dtype)
+class Flamingo(nn.Module):
+  """Images `[batch, K, S, S, 3]` and token ids `[batch, length]` -> next-token logits.
+
+  Fields:
+    vision: `ViT` kwargs of the vision tower (its `pool` is forced to 'none').
+    perceiver: `PerceiverResampler` kwargs of the `resampler` (its width is the vision width).
+    language_model, media_token_id, cross_attn_every, only_attend_immediate_media,
+      xattn_heads, xattn_head_dim, xattn_mlp_ratio: the `FlamingoLM`'s.
+  Params: `vision_tower` (ViT), `resampler`, `media_projection` (a Dense `kernel [vision_width,
+  lm_width]` and `bias`, only when the widths differ), and `FlamingoLM`'s `lm` and
+  `gated_xattn` at the top level. `init_params` initialises them; `init` gives the same tree
+  with other values.
+  """
+  vision: dict
+  perceiver: dict
+  language_model: dict
+  media_token_id: int
+  cross_attn_every: int = 1
+  only_attend_immediate_media: bool = True
+  xattn_heads: int = 8
+  xattn_head_dim: int = 64
+  xattn_mlp_ratio: int = 4
+  dtype: layers.Dtype = jnp.float32
+
+  def __post_init__(self):
+    layers.freeze_dict_fields(self, 'vision', 'perceiver', 'language_model')
+    super().__post_init__()
+
+  @nn.nowrap
+  def _text(self, **parent) -> FlamingoLM:
+    """The gated LM; `parent=None` makes it standalone."""
+    return FlamingoLM(self.language_model, self.media_token_id, self.cross_attn_every,
+                      self.only_attend_immediate_media, self.xattn_heads, self.xattn_head_dim,
+                      self.xattn_mlp_ratio, self.dtype, **parent)
+
+  @nn.nowrap
+  def _parts(self, **parent) -> dict:
+    """The four parts as modules; `parent=None` makes them standalone (`init_params`)."""
+    lm_width = self.language_model['width']
+    projection = None
+    if self.vision['width'] != lm_width:
+      projection = layers.Dense(lm_width, ('embed', None), dtype=self.dtype, **parent)
+    return dict(vision_tower=ViT(**dict(self.vision, pool='none'), dtype=self.dtype, **parent),
+                resampler=PerceiverResampler(**self.perceiver, dtype=self.dtype, **parent),
+                media_projection=projection, text=self._text(**parent))
+
+  def setup(self):
+    parts = self._parts()
+    self.vision_tower = parts['vision_tower']
+    self.resampler = parts['resampler']
+    self.media_projection = parts['media_projection']
+    self.text = parts['text']
+    nn.share_scope(self, self.text)  # `lm` and `gated_xattn` sit at the top of the tree
+
+  @nn.nowrap
+  def init_params(self, rng, images, tokens) -> dict:
+    """Boxed params for images `[b, K, S, S, 3]` and tokens `[b, L]` (arrays or
+    `jax.ShapeDtypeStruct`s: only the image size matters). `rng` splits in 4 (vision tower,
+    resampler, media projection, gated LM) and each part is initialised on its own, on zeros
+    of batch 1 and one image. Works on an unbound module."""
+    parts = self._parts(parent=None)
+    vision_rng, resampler_rng, projection_rng, text_rng = jax.random.split(rng, 4)
+    image = jnp.zeros((1,) + tuple(images.shape[2:]), jnp.float32)
+    vision = parts['vision_tower']
+    params = {'vision_tower': vision.init(vision_rng, image)['params']}
+    features = jax.eval_shape(functools.partial(vision.apply, method=vision.patch_features),
+                              {'params': params['vision_tower']}, image)
+    params['resampler'] = parts['resampler'].init(
+        resampler_rng, jnp.zeros((1, 1) + features.shape[1:], jnp.float32))['params']
+    latents = (1, 1, parts['resampler'].num_latents, self.vision['width'])
+    if parts['media_projection'] is not None:
+      params['media_projection'] = parts['media_projection'].init(
+          projection_rng, jnp.zeros(latents, jnp.float32))['params']
+    media = jnp.zeros(latents[:-1] + (self.language_model['width'],), jnp.float32)
+    params.update(parts['text'].init(text_rng, jnp.zeros((1, tokens.shape[1]), jnp.int32),
+                                     media)['params'])
+    return params
+
+  def vision_features(self, images):
+    """`[n, S, S, 3]` -> `[n, patches, vision_width]` (`ViT.patch_features`)."""
+    return self.vision_tower.patch_features(images)
+
+  def media(self, images):
+    """Images `[b, K, S, S, 3]` -> media `[b, K, num_latents, lm_width]`."""
+    batch, images_per_row = images.shape[:2]
+    features = self.vision_features(images.reshape((-1,) + images.shape[2:]))
+    features = features.reshape((batch, images_per_row) + features.shape[1:])
+    media = self.resampler(features)
+    if self.media_projection is not None:
+      media = self.media_projection(media)
+    return media
+
+  def image_embedding(self, images):
+    """`[n, S, S, 3]` -> unit vectors `[n, vision_width]`: the vision features averaged over
+    patches (few-shot demonstration retrieval)."""
+    pooled = jnp.mean(self.vision_features(images), axis=1)
+    return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+
+  def __call__(self, images, tokens, *, positions=None, kv_mask=None):
+    """Logits `[batch, length, vocab]` float32; `positions`, `kv_mask` as in `DecoderLM`."""
+    return self.text(tokens, self.media(images), positions=positions, kv_mask=kv_mask)
+
+  def embed(self, tokens):
+    """`[batch, length]` int -> the LM's token embeddings `[batch, length, lm_width]`."""
+    return self.text.embed(tokens)
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """`FlamingoLM.init_cache`. Works on an unbound module."""
+    return self._text(parent=None).init_cache(batch, max_len, dtype)
+
+  def decode(self, tokens=None, *, embeddings=None, context=None, positions=None, kv_mask=None,
+             cache=None, cache_index=None):
+    """`FlamingoLM.decode`; `context` is `media(images)`."""
+    return self.text.decode(tokens, embeddings=embeddings, context=context, positions=positions,
+                            kv_mask=kv_mask, cache=cache, cache_index=cache_index)

@@ -8,12 +8,21 @@ constrained with `act_*` names. Compute runs in `dtype`, parameters stay in
 
 from typing import Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Dtype = jnp.dtype
+
+
+def freeze_dict_fields(module: nn.Module, *names: str) -> None:
+  """Makes the dict fields `names` of `module` `FrozenDict`s, so that the module hashes and can
+  be a static argument of `jax.jit` (as `mmjax.generate` takes it). Call it in the module's
+  `__post_init__`, before `super().__post_init__()`."""
+  for name in names:
+    object.__setattr__(module, name, flax.core.FrozenDict(getattr(module, name)))
 
 
 def quick_gelu(x):
@@ -302,9 +311,8 @@ class Transformer(nn.Module):
   `scan=True` stacks the block parameters on a leading `layers` axis and compiles one
   block; `scan_unroll` is passed to the scan as `unroll`, which changes the compiled
   program, never the parameters. The default 1 keeps compile time flat in depth; fully
-  unrolled (True), XLA:CPU stops copying the stacked per-layer activations in and out of its
-  while loops (~20% of a train step of `configs/clip.py:tiny`,
-  experiments/bench_clip_step.py) but the program grows with depth.
+  unrolled (True) the program grows with depth, and XLA:CPU does not copy the stacked
+  per-layer activations in and out of its while loops (docs/performance.md).
   `remat` picks what the backward pass recomputes (see `REMAT_POLICIES`): 'none' keeps
   every activation, 'full' (or True) only each block's input, 'dots' keeps matmul outputs,
   'dots_no_batch' keeps matmul outputs without batch dimensions (weights-only products, as

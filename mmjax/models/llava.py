@@ -17,9 +17,13 @@ trains the projector alone ('projector/.*'), stage 2 the projector and the LM
                   language_model=dict(vocab_size=32064, width=4096, depth=32, ...),
                   image_token_id=32000)
     logits = model.apply({'params': params}, images, tokens)       # [b, l, vocab]
-    embeddings = model.apply({'params': params}, tokens, images, method=model.embed_inputs)
-    generate.generate(DecoderLM(**model.language_model, dtype=model.dtype),
-                      {'params': params['lm']}, prompt_embeddings=embeddings, ...)
+    features = model.apply({'params': params}, images, method=model.image_features)
+    generate.generate(model, {'params': params}, prompt_tokens=tokens, context=features, ...)
+
+LLaVA is an `mmjax.generate` decoder (`init_cache`, `decode`, `embed`) whose context is the
+projected image features: `decode` splices them in at the image tokens of its call's
+tokens, the cache `{'lm': the LM's KV cache, 'image_tokens_seen': [batch] int32}` counting
+the image tokens already spliced.
 """
 
 import flax.linen as nn
@@ -75,6 +79,10 @@ class LLaVA(nn.Module):
   projector_bias: bool = True
   dtype: layers.Dtype = jnp.float32
 
+  def __post_init__(self):
+    layers.freeze_dict_fields(self, 'vision', 'language_model')
+    super().__post_init__()
+
   def setup(self):
     if self.projector_kind not in PROJECTOR_KINDS:
       raise ValueError(f'projector_kind must be one of {PROJECTOR_KINDS}, got '
@@ -85,14 +93,34 @@ class LLaVA(nn.Module):
     self.lm = DecoderLM(**self.language_model, dtype=self.dtype)
 
   def vision_features(self, images):
-    """`[batch, size, size, 3]` -> `[batch, patches, vision_width]`: the last block's tokens
-    (no `ln_post`), class token dropped."""
-    _, tokens = self.vision_tower(images)
-    return tokens[:, 1:] if self.vision_tower.class_token else tokens
+    """`[batch, size, size, 3]` -> `[batch, patches, vision_width]` (`ViT.patch_features`)."""
+    return self.vision_tower.patch_features(images)
 
   def image_features(self, images):
     """`[batch, size, size, 3]` -> projected features `[batch, patches, lm_width]`."""
     return self.projector(self.vision_features(images))
+
+  def embed(self, tokens):
+    """`[batch, length]` int -> the LM's token embeddings `[batch, length, lm_width]`."""
+    return self.lm.embed(tokens)
+
+  def _splice(self, tokens, features, image_tokens_seen=None):
+    """Token embeddings of `tokens [batch, length]` with the image features `[batch, patches,
+    lm_width]` spliced in: the k-th `image_token_id` of a row, counting `image_tokens_seen
+    [batch]` earlier ones (default 0), becomes feature k; image tokens past the last feature
+    keep their token embedding."""
+    embeddings = self.lm.embed(tokens)
+    features = features.astype(embeddings.dtype)
+    is_image = tokens == self.image_token_id
+    feature_index = jnp.cumsum(is_image, axis=1) - 1
+    if image_tokens_seen is not None:
+      feature_index = feature_index + image_tokens_seen[:, None]
+    patches = features.shape[1]
+    spliced = jnp.take_along_axis(features, jnp.clip(feature_index, 0, patches - 1)[..., None],
+                                  axis=1)
+    embeddings = jnp.where((is_image & (feature_index < patches))[..., None], spliced,
+                           embeddings)
+    return nn.with_logical_constraint(embeddings, ('act_batch', 'act_length', 'act_embed'))
 
   def embed_inputs(self, tokens, images):
     """Token embeddings `[batch, length, lm_width]` with the image features spliced in.
@@ -101,21 +129,50 @@ class LLaVA(nn.Module):
     [batch, length]` holds exactly `patches` copies of `image_token_id` (anywhere, not
     necessarily contiguous), and the k-th of them is replaced by feature k of
     `images[i]`. Under jit this is not checked: with fewer copies the last features are
-    left out, with more the last feature repeats.
+    left out, with more the copies past the last feature keep their token embedding.
     """
-    embeddings = self.lm.embed(tokens)
-    features = self.image_features(images).astype(embeddings.dtype)
-    is_image = tokens == self.image_token_id
-    feature_index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
-    spliced = jnp.take_along_axis(features, feature_index[..., None], axis=1)
-    embeddings = jnp.where(is_image[..., None], spliced, embeddings)
-    return nn.with_logical_constraint(embeddings, ('act_batch', 'act_length', 'act_embed'))
+    return self._splice(tokens, self.image_features(images))
 
   def __call__(self, images, tokens, *, positions=None, kv_mask=None):
     """Logits `[batch, length, vocab]` float32; `positions`, `kv_mask` as in `DecoderLM`."""
     logits, _ = self.lm(embeddings=self.embed_inputs(tokens, images), positions=positions,
                         kv_mask=kv_mask)
     return logits
+
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """`{'lm': DecoderLM.init_cache(batch, max_len, dtype), 'image_tokens_seen': zeros [batch]
+    int32}`, the empty cache of `decode`. Works on an unbound module."""
+    lm = DecoderLM(**self.language_model, dtype=self.dtype, parent=None)
+    return {'lm': lm.init_cache(batch, max_len, dtype),
+            'image_tokens_seen': jnp.zeros(batch, jnp.int32)}
+
+  def decode(self, tokens=None, *, embeddings=None, context=None, positions=None, kv_mask=None,
+             cache=None, cache_index=None):
+    """(logits `[batch, length, vocab]` float32, new cache or None): the
+    `mmjax.generate.Decoder` step.
+
+    `context`: the projected image features `[batch, patches, lm_width]` (`image_features`),
+    spliced in at the image tokens of `tokens` as `embed_inputs` does, counting the cache's
+    `image_tokens_seen` (which grows by the call's image tokens); None reads `tokens` as
+    text. `embeddings [batch, length, lm_width]` (features already spliced in) take no
+    context. `positions`, `kv_mask`, `cache_index` as in `DecoderLM`; `cache` is
+    `init_cache`'s or an earlier call's, or None (the whole sequence, no cache).
+    """
+    if embeddings is not None and context is not None:
+      raise ValueError('pass context with tokens; embeddings hold their image features')
+    seen = None if cache is None else cache['image_tokens_seen']
+    if embeddings is None:
+      embeddings = (self.lm.embed(tokens) if context is None
+                    else self._splice(tokens, context, seen))
+    logits, lm_cache = self.lm(embeddings=embeddings, positions=positions, kv_mask=kv_mask,
+                               cache=None if cache is None else cache['lm'],
+                               cache_index=cache_index)
+    if cache is None:
+      return logits, None
+    if tokens is not None:
+      seen = seen + jnp.sum(tokens == self.image_token_id, axis=1, dtype=jnp.int32)
+    return logits, {'lm': lm_cache, 'image_tokens_seen': seen}
 
   def vision_params_from_clip(self, clip_image_params) -> dict:
     """One of our CLIP checkpoints' `image_tower` params -> `vision_tower` params here

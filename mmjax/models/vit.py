@@ -120,6 +120,13 @@ class ViT(nn.Module):
                        self.dtype, name='map_head')(ln_post(tokens))
     return pooled, tokens
 
+  def patch_features(self, images):
+    """`[batch, height, width, 3]` -> `[batch, patches, width]`: the last block's tokens (no
+    `ln_post`), class token dropped. The image features of LLaVA and Flamingo (with
+    `pool='none'`, which creates no `ln_post` or head params)."""
+    _, tokens = self(images)
+    return tokens[:, 1:] if self.class_token else tokens
+
 
 def vision_params_from_clip(clip_image_params, *, depth: int, scan: bool = True) -> dict:
   """One of our CLIP checkpoints' `image_tower` params -> the params of a `ViT` of `depth`

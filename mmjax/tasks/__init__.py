@@ -1,5 +1,6 @@
 """Registry of tasks: `config.task` -> Task subclass."""
 
+from mmjax import config_lib
 from mmjax.tasks.base import Task
 from mmjax.tasks.clip import ClipTask
 from mmjax.tasks.flamingo import FlamingoTask
@@ -9,7 +10,19 @@ from mmjax.tasks.vq import VQTask
 TASKS = {'clip': ClipTask, 'flamingo': FlamingoTask, 'llava': LlavaTask, 'vq': VQTask}
 
 
-def get_task(config) -> Task:
+def task_class(config) -> type[Task]:
   if config.task not in TASKS:
     raise ValueError(f'config.task={config.task!r} is unknown; known: {sorted(TASKS)}')
-  return TASKS[config.task](config)
+  return TASKS[config.task]
+
+
+def get_task(config) -> Task:
+  return task_class(config)(config)
+
+
+def validate_config(config, num_devices: int) -> dict[str, int]:
+  """`config_lib.validate` (the keys every config has), then the family's own checks
+  (`Task.validate_config`). Returns the resolved mesh shape."""
+  mesh = config_lib.validate(config, num_devices)
+  task_class(config).validate_config(config)
+  return mesh

@@ -1,14 +1,19 @@
 """The interface between a model family and the model-agnostic training loop.
 
-A task owns its model, its data and its evaluators; `mmjax.train` owns the mesh, the
-optimizer, checkpoints and logging. A new family is a new `Task` subclass registered
-in `mmjax.tasks.TASKS`; the loop does not change.
+A task owns its model (assembled in `mmjax.models`), its loss, its data and which evaluators
+it can feed; `mmjax.train` owns the mesh, the optimizer, checkpoints and logging. A new
+family is a new `Task` subclass registered in `mmjax.tasks.TASKS`; the loop does not change.
+Building a task builds modules only: data is built on disk where it is first read
+(`train_iterator`, an evaluator builder).
 """
 
 import abc
 from typing import Any, Iterator, Protocol
 
 import jax
+
+from mmjax import evals
+from mmjax.evals import capabilities as capabilities_lib
 
 
 class Evaluator(Protocol):
@@ -43,9 +48,19 @@ class Task(abc.ABC):
     Must have `get_state()`/`set_state()` (a grain iterator) so checkpoints can hold it.
     """
 
+  def capabilities(self) -> capabilities_lib.Capabilities:
+    """What this task's evaluators can call (`mmjax.evals.capabilities`). Default: none."""
+    return capabilities_lib.Capabilities()
+
   @abc.abstractmethod
+  def eval_data(self) -> capabilities_lib.EvalData:
+    """Where the evaluators read data and the format the model reads (image size, tokenizer,
+    prompt layout); building it touches no files."""
+
   def evaluators(self, mesh) -> dict[str, Evaluator]:
-    """Evaluators by name; their metrics are logged as `name/metric`."""
+    """Evaluators by name from `config.evals` (`mmjax.evals.build`); their metrics are
+    logged as `name/metric`."""
+    return evals.build(self.config.evals, self.capabilities(), self.eval_data(), mesh)
 
   def update_params(self, params, aux: dict):
     """Updates that are not gradient steps, run inside the train step after the optimizer's.
@@ -69,4 +84,11 @@ class Task(abc.ABC):
   @classmethod
   def validate_config(cls, config) -> None:
     """Raises ValueError naming the key of a setting of this family's config that cannot
-    work; `mmjax.config_lib.validate` calls it before anything compiles."""
+    work; `mmjax.tasks.validate_config` calls it before anything compiles."""
+
+  @classmethod
+  def import_weights(cls, config, path: str):
+    """Params of a public checkpoint at `path` (e.g. a Hugging Face `save_pretrained`
+    directory), with `config.model` rewritten in place to describe them
+    (`mmjax.evaluate --hf_dir`). Default: this family imports none."""
+    raise NotImplementedError(f'config.task={config.task!r} cannot import weights from {path}')

@@ -1,14 +1,17 @@
 """CLIP / SigLIP task: contrastive image-text training, zero-shot evaluation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from mmjax import config_lib
 from mmjax import losses
 from mmjax import ring_losses
-from mmjax import evals
+from mmjax.convert import hf_directory
 from mmjax.data import pipeline
 from mmjax.data import tokenizers
+from mmjax.evals import capabilities
 from mmjax.models import layers
 from mmjax.models.clip import CLIP
 from mmjax.tasks.base import Task
@@ -56,15 +59,18 @@ class ClipTask(Task):
   def __init__(self, config):
     super().__init__(config)
     self.model = build_model(config)
-    self.tokenizer = tokenizers.get(config.data.tokenizer)
     self.data_dir = config_lib.data_dir(config)
-    pipeline.build(config.data.name, self.data_dir)
+
+  @functools.cached_property
+  def tokenizer(self):
+    """`config.data.tokenizer`, loaded on first use (the BPE vocabulary is a file)."""
+    return tokenizers.get(self.config.data.tokenizer)
 
   @classmethod
   def validate_config(cls, config):
-    if config.get('loss') is not None and config.loss not in LOSSES:
+    if config.loss not in LOSSES:
       raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
-    if config.get('loss_impl', 'gathered') not in LOSS_IMPLS:
+    if config.loss_impl not in LOSS_IMPLS:
       raise ValueError(f'config.loss_impl={config.loss_impl!r}; use one of {LOSS_IMPLS}')
     if config.loss == 'sigmoid' and config.model.bias_init is None:
       raise ValueError('config.loss=sigmoid needs config.model.bias_init (SigLIP uses -10)')
@@ -93,10 +99,10 @@ class ClipTask(Task):
     if config.model.remat not in (*layers.REMAT_POLICIES, True, False):
       raise ValueError(f'config.model.remat={config.model.remat!r}; use one of '
                        f'{tuple(layers.REMAT_POLICIES)}')
-    if config.data.tokenizer not in tokenizers.VOCAB_SIZES:
+    if config.data.tokenizer not in tokenizers.TOKENIZERS:
       raise ValueError(f'config.data.tokenizer={config.data.tokenizer!r}; use one of '
-                       f'{tokenizers.CHOICES}')
-    vocab_size = tokenizers.VOCAB_SIZES[config.data.tokenizer]
+                       f'{tuple(tokenizers.TOKENIZERS)}')
+    vocab_size = tokenizers.TOKENIZERS[config.data.tokenizer].vocab_size
     if text.vocab_size < vocab_size:
       raise ValueError(f'config.model.text.vocab_size={text.vocab_size} is smaller than the '
                        f'{config.data.tokenizer!r} tokenizer vocabulary ({vocab_size})')
@@ -122,7 +128,7 @@ class ClipTask(Task):
         {'params': params}, batch['image'], batch['text'])
     # 'ring' (mmjax/ring_losses.py): same loss and gradients, no [B, B] logits; it runs on
     # the mesh set by `sharding.activate`.
-    impl = ring_losses if self.config.get('loss_impl', 'gathered') == 'ring' else losses
+    impl = ring_losses if self.config.loss_impl == 'ring' else losses
     if self.config.loss == 'sigmoid':
       loss = impl.sigmoid_contrastive_loss(
           image_embeddings, text_embeddings, logit_scale, logit_bias)
@@ -132,6 +138,7 @@ class ClipTask(Task):
 
   def train_iterator(self, *, process_index, process_count):
     data = self.config.data
+    pipeline.build(data.name, self.data_dir)
     return pipeline.train_iterator(
         data.name, self.data_dir, tokenizer=self.tokenizer, image_size=data.image_size,
         max_text_len=data.max_text_len, global_batch_size=self.config.batch_size,
@@ -146,5 +153,22 @@ class ClipTask(Task):
     """`[b, l]` token ids -> unit-norm text embeddings `[b, embed_dim]`."""
     return self.model.apply({'params': params}, token_ids, method=self.model.encode_text)
 
-  def evaluators(self, mesh):
-    return evals.build(self.config.evals, self, mesh)
+  def tokenize(self, texts):
+    """`texts` (list of str) -> int32 `[n, config.data.max_text_len]` token ids."""
+    return self.tokenizer.encode(texts, self.config.data.max_text_len)
+
+  def capabilities(self):
+    return capabilities.Capabilities(dual_encoder=capabilities.DualEncoder(
+        encode_image=self.encode_image, encode_text=self.encode_text, tokenize=self.tokenize))
+
+  def eval_data(self):
+    return capabilities.EvalData(data_dir=self.data_dir, image_size=self.config.data.image_size,
+                                 dataset=self.config.data.name)
+
+  @classmethod
+  def import_weights(cls, config, path):
+    """Hugging Face `CLIPModel` / `SiglipModel` weights from a `save_pretrained` directory;
+    `config.model` is rewritten to their architecture (`set_model_config`)."""
+    model_kwargs, params = hf_directory.load_hf_directory(path)
+    set_model_config(config, model_kwargs)
+    return params

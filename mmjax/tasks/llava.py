@@ -16,12 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import config_lib
-from mmjax import evals
 from mmjax import generate
 from mmjax import losses
 from mmjax.data import instruct
+from mmjax.data.tokenizers import ByteLMTokenizer
+from mmjax.evals import capabilities
 from mmjax.models.decoder import DecoderLM
 from mmjax.models.llava import LLaVA, PROJECTOR_KINDS
+from mmjax.tasks import language_model_checks
 from mmjax.tasks import pretrained
 from mmjax.tasks.base import Task
 
@@ -45,30 +47,20 @@ class LlavaTask(Task):
     self.text_only = config.text_only
     self.model = None if self.text_only else build_model(config)
     self.lm = build_lm(config)
-    self.tokenizer = instruct.ByteLMTokenizer()
+    self.tokenizer = ByteLMTokenizer()
     self.data_dir = config_lib.data_dir(config)
-    self.kinds = instruct.select_kinds(config.data.weights)
-    instruct.build(self.data_dir, self.kinds)
 
   @classmethod
   def validate_config(cls, config):
     data, model = config.data, config.model
-    lm = model.language_model
-    if lm.vocab_size < instruct.VOCAB_SIZE:
-      raise ValueError(f'config.model.language_model.vocab_size={lm.vocab_size} is smaller '
-                       f'than the tokenizer vocabulary ({instruct.VOCAB_SIZE})')
-    if model.image_token_id != instruct.IMAGE_ID:
+    language_model_checks.check_language_model(config)
+    if model.image_token_id != ByteLMTokenizer.image_id:
       raise ValueError(f'config.model.image_token_id={model.image_token_id} must be the '
-                       f'tokenizer image id {instruct.IMAGE_ID}')
-    if lm.num_heads % lm.num_kv_heads:
-      raise ValueError(f'config.model.language_model.num_heads={lm.num_heads} is not a '
-                       f'multiple of num_kv_heads={lm.num_kv_heads}')
+                       f'tokenizer image id {ByteLMTokenizer.image_id}')
     if model.projector_kind not in PROJECTOR_KINDS:
       raise ValueError(f'config.model.projector_kind={model.projector_kind!r}; use one of '
                        f'{PROJECTOR_KINDS}')
-    if data.image_size % model.vision.patch_size:
-      raise ValueError(f'config.data.image_size={data.image_size} is not divisible by '
-                       f'config.model.vision.patch_size={model.vision.patch_size}')
+    language_model_checks.check_image_size(config)
     patches = 0 if config.text_only else (data.image_size // model.vision.patch_size) ** 2
     if data.num_image_tokens != patches:
       raise ValueError(f'config.data.num_image_tokens={data.num_image_tokens} must be '
@@ -107,6 +99,7 @@ class LlavaTask(Task):
 
   def train_iterator(self, *, process_index, process_count):
     data = self.config.data
+    instruct.build(self.data_dir, instruct.select_kinds(data.weights))
     return instruct.train_iterator(
         self.data_dir, tokenizer=self.tokenizer, weights=dict(data.weights),
         num_image_tokens=data.num_image_tokens, max_len=data.max_len,
@@ -114,28 +107,28 @@ class LlavaTask(Task):
         seed=self.config.seed, process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment)
 
-  def evaluators(self, mesh):
-    return evals.build(self.config.evals, self, mesh)
+  def answer(self, params, batch):
+    """int32 [b, generation.max_new_tokens]: greedy answers to the left-padded prompts
+    (`batch`: image, prompt_tokens, prompt_mask) through the KV cache; pad (0) after EOS."""
+    if self.text_only:
+      model, variables, context = self.lm, {'params': params['lm']}, None
+    else:
+      model, variables = self.model, {'params': params}
+      context = model.apply(variables, batch['image'], method=model.image_features)
+    return generate.generate(
+        model, variables, prompt_tokens=batch['prompt_tokens'],
+        prompt_mask=batch['prompt_mask'], context=context,
+        max_new_tokens=self.config.generation.max_new_tokens,
+        stop_tokens=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)['tokens']
 
-  def answer_fn(self, mesh):
-    """`(params, batch) -> int32 [b, max_new_tokens]` greedy answers to left-padded prompts
-    (`batch`: image, prompt_tokens, prompt_mask); pad (0) after EOS."""
-    del mesh  # generate shards like training under the caller's mesh
-    max_new_tokens = self.config.generation.max_new_tokens
+  def capabilities(self):
+    return capabilities.Capabilities(generator=capabilities.Generator(self.answer))
 
-    def answer(params, batch):
-      if self.text_only:
-        prompt = dict(prompt_tokens=batch['prompt_tokens'])
-      else:
-        prompt = dict(prompt_embeddings=self.model.apply(
-            {'params': params}, batch['prompt_tokens'], batch['image'],
-            method=self.model.embed_inputs))
-      return generate.generate(
-          self.lm, {'params': params['lm']}, prompt_mask=batch['prompt_mask'],
-          max_new_tokens=max_new_tokens, stop_tokens=(self.tokenizer.eos_id,),
-          pad_id=self.tokenizer.pad_id, **prompt)['tokens']
-
-    return answer
+  def eval_data(self):
+    data = self.config.data
+    return capabilities.EvalData(data_dir=self.data_dir, image_size=data.image_size,
+                                 tokenizer=self.tokenizer, num_image_tokens=data.num_image_tokens,
+                                 prompt_len=data.prompt_len)
 
   def pretrained_params(self):
     """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""

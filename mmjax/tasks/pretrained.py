@@ -35,10 +35,11 @@ def _part(workdir: str, key: str, part: str, what: str) -> dict:
 def init_parts(init, vision=None) -> dict:
   """{top-level param name: numpy subtree} of the workdirs named in `init` (`config.init`).
 
-  vision: the config's vision tower kwargs (`depth`, `scan`), needed for `vision_from`.
+  vision: the config's vision tower kwargs (`config.model.vision`: `depth`, `scan`), needed
+    for `vision_from`.
   """
   loaded = {}
-  parts = [part.strip() for part in init.get('params_parts', '').split(',') if part.strip()]
+  parts = [part.strip() for part in init.params_parts.split(',') if part.strip()]
   if parts and not init.params_from:
     raise ValueError(f'config.init.params_parts={init.params_parts!r} needs '
                      'config.init.params_from')
@@ -55,7 +56,7 @@ def init_parts(init, vision=None) -> dict:
                        'vision tower')
     clip_image = _part(init.vision_from, 'vision_from', 'image_tower', 'CLIP image tower')
     loaded['vision_tower'] = vision_params_from_clip(clip_image, depth=vision['depth'],
-                                                     scan=vision.get('scan', True))
+                                                     scan=vision['scan'])
   if init.lm_from:
     loaded['lm'] = _part(init.lm_from, 'lm_from', 'lm', 'LM')
   return loaded

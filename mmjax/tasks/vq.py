@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax import config_lib
-from mmjax import evals
 from mmjax import losses
 from mmjax.data import pipeline
+from mmjax.evals import capabilities
 from mmjax.models import vq
 from mmjax.tasks.base import Task
 
@@ -75,7 +75,6 @@ class VQTask(Task):
     self.gan = config.loss.gan_weight > 0
     self.discriminator = build_discriminator(config) if self.gan else None
     self.data_dir = config_lib.data_dir(config)
-    pipeline.build(config.data.name, self.data_dir)
 
   @classmethod
   def validate_config(cls, config):
@@ -185,31 +184,36 @@ class VQTask(Task):
 
   def train_iterator(self, *, process_index, process_count):
     data = self.config.data
+    pipeline.build(data.name, self.data_dir)
     return pipeline.image_train_iterator(
         data.name, self.data_dir, image_size=data.image_size,
         global_batch_size=self.config.batch_size, seed=self.config.seed,
         process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment, jitter=data.jitter)
 
+  def _apply(self, params, inputs, method):
+    return self.model.apply({'params': self.tokenizer_params(params)}, inputs, method=method)
+
   def encode(self, params, images):
     """`[b, H, W, 3]` in [-1, 1] -> continuous latents `[b, h, w, code_dim]`."""
-    return self.model.apply({'params': self.tokenizer_params(params)}, images,
-                            method=self.model.encode)
+    return self._apply(params, images, self.model.encode)
 
   def decode(self, params, codes):
     """Quantized latents `[b, h, w, code_dim]` -> images `[b, H, W, 3]`."""
-    return self.model.apply({'params': self.tokenizer_params(params)}, codes,
-                            method=self.model.decode)
+    return self._apply(params, codes, self.model.decode)
 
   def tokenize(self, params, images):
     """`[b, H, W, 3]` in [-1, 1] -> int32 tokens `[b, h*w]`."""
-    return self.model.apply({'params': self.tokenizer_params(params)}, images,
-                            method=self.model.tokenize)
+    return self._apply(params, images, self.model.tokenize)
 
   def detokenize(self, params, tokens):
     """int32 tokens `[b, h*w]` -> images `[b, H, W, 3]`."""
-    return self.model.apply({'params': self.tokenizer_params(params)}, tokens,
-                            method=self.model.detokenize)
+    return self._apply(params, tokens, self.model.detokenize)
 
-  def evaluators(self, mesh):
-    return evals.build(self.config.evals, self, mesh)
+  def capabilities(self):
+    return capabilities.Capabilities(image_tokenizer=capabilities.ImageTokenizer(
+        tokenize=self.tokenize, detokenize=self.detokenize, num_codes=self.model.num_codes))
+
+  def eval_data(self):
+    return capabilities.EvalData(data_dir=self.data_dir, image_size=self.config.data.image_size,
+                                 dataset=self.config.data.name)

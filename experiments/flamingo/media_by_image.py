@@ -7,8 +7,8 @@ mean norm of a latent and of its image-dependent part (its deviation from the me
 drawings). A ratio near 0 means the cross-attention reads nearly the same media whatever the
 picture: it can tell the LM that an image is there, not which.
 
-  python experiments/flamingo_media_by_image.py --workdir workdirs/flamingo_small
-  python experiments/flamingo_media_by_image.py --workdir workdirs/flamingo_picturecue \
+  python experiments/flamingo/media_by_image.py --workdir workdirs/flamingo_small
+  python experiments/flamingo/media_by_image.py --workdir workdirs/flamingo_picturecue \
       --override model.cross_attn_every=1
 """
 
@@ -21,8 +21,9 @@ from mmjax import config_lib
 from mmjax import evaluate
 from mmjax import sharding
 from mmjax import tasks
-from mmjax.data import instruct
 from mmjax.data import interleaved
+from mmjax.data import pipeline
+from mmjax.data.images import prepare_image
 from mmjax.evals.batching import BatchedApply
 
 
@@ -43,11 +44,11 @@ def main():
   with sharding.activate(mesh):
     task = tasks.get_task(config)
     step, params = evaluate.restore_params(args.workdir, task, mesh)
-    source = instruct.split_source('emoji', interleaved.TRAIN_SPLIT, task.data_dir)
-    images = np.stack([instruct.prepare_image(source[i]['image'], 'emoji',
-                                              config.data.image_size)
+    source = pipeline.split_source('emoji', interleaved.TRAIN_SPLIT, task.data_dir)
+    images = np.stack([prepare_image(source[i]['image'], 'emoji', config.data.image_size)
                        for i in range(0, len(source), args.every)])
-    media_fn = lambda params, images: task.media(params, images[:, None])[:, 0]
+    media_fn = lambda params, images: task.model.apply(
+        {'params': params}, images[:, None], method=task.model.media)[:, 0]
     media = BatchedApply(media_fn, mesh, 64)(params, images)  # [n, latents, width]
   norm = np.linalg.norm(media, axis=-1).mean()
   image_part = np.linalg.norm(media - media.mean(axis=0), axis=-1).mean()

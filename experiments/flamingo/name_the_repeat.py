@@ -2,19 +2,20 @@ r"""Does a Flamingo checkpoint pick the right one of four earlier names for a re
 
 Held-out sequences in the training format (a seed the runs never used, no augmentation):
 five chunks of made-up names, the first four distinct things, the last a repeat of one of
-them in another drawing (`--same_drawing`: the very same picture, the easy match that
-`data.same_drawing_prob` adds to training). The model scores the last chunk's name as each of
-the four earlier names (mean log-probability of '<name>.') and picks the best; chance is
-0.25. `--cued` gives every thing a cue digit (`cue_at` as `data.cue_at`), so the text says
-which chunk the repeat shows: the test of a text-only LM stage's matching. Without cues only
-the pictures say it: the test of the `xattn` stage. `--cued --cue_digits per_thing` is the
-format of `data.cue_digits='per_thing'` (digits from `--cue_table` as `data.cue_table`, else
-a hash of the name): the four carry their things' digits, the repeat none, so the
-cross-attention must supply the repeat's digit from its picture.
+them in another drawing (`--same_drawing`: the very same picture, the easy match that the
+curriculum option `same_drawing_prob` adds to training, see `curricula.py`). The model
+scores the last chunk's name as each of the four earlier names (mean log-probability of
+'<name>.') and picks the best; chance is 0.25. `--cued` gives every thing a cue digit
+(`--cue_at` as the option `cue_at`), so the text says which chunk the repeat shows: the test
+of a text-only LM stage's matching. Without cues only the pictures say it: the test of the
+`xattn` stage. `--cued --cue_digits per_thing` is the format of `cue_digits=per_thing`
+(digits from `--cue_table` as the option `cue_table`, else a hash of the name): the four
+carry their things' digits, the repeat none, so the cross-attention must supply the
+repeat's digit from its picture.
 
-  python experiments/flamingo_name_the_repeat.py --workdir workdirs/flamingo_lm_cuename \
+  python experiments/flamingo/name_the_repeat.py --workdir workdirs/flamingo_lm_cuename \
       --cued --cue_at name
-  python experiments/flamingo_name_the_repeat.py --workdir workdirs/flamingo_cuename \
+  python experiments/flamingo/name_the_repeat.py --workdir workdirs/flamingo_cuename \
       --override model.cross_attn_every=1 [--same_drawing]
 """
 
@@ -27,10 +28,11 @@ from mmjax import config_lib
 from mmjax import evaluate
 from mmjax import sharding
 from mmjax import tasks
-from mmjax.data import instruct
 from mmjax.data import interleaved
+from mmjax.data import pipeline
 from mmjax.evals.batching import BatchedApply
-from mmjax.tasks import flamingo
+
+import curricula  # experiments/flamingo/curricula.py, beside this script
 
 CHUNKS = 5
 MAX_LEN = 192
@@ -43,10 +45,10 @@ def parse_args():
   parser.add_argument('--override', action='append', default=[],
                       help='KEY=VALUE config overrides the run was trained with (shapes)')
   parser.add_argument('--cued', action='store_true', help='cue digits in the text')
-  parser.add_argument('--cue_at', default='image', choices=interleaved.CUE_PLACES)
+  parser.add_argument('--cue_at', default='image', choices=curricula.CUE_PLACES)
   parser.add_argument('--cue_digits', default='per_sequence',
-                      choices=interleaved.CUE_DIGITS_KINDS)
-  parser.add_argument('--cue_table', default='', help="per_thing digits, as data.cue_table")
+                      choices=curricula.CUE_DIGITS_KINDS)
+  parser.add_argument('--cue_table', default='', help="per_thing digits, as the option cue_table")
   parser.add_argument('--same_drawing', action='store_true',
                       help='the repeat is the same picture (else another drawing)')
   parser.add_argument('--num_sequences', type=int, default=256)
@@ -62,12 +64,13 @@ def repeat_rows(task, args):
   stream = interleaved.train_iterator(
       task.data_dir, tokenizer=tokenizer, images_per_sequence=CHUNKS, max_len=MAX_LEN,
       image_size=task.config.data.image_size, global_batch_size=64, seed=args.seed,
-      augment=False, repeat_prob=1.0, made_up_prob=1.0, repeat_last_only=True,
-      same_drawing_prob=1.0 if args.same_drawing else 0.0)
+      augment=False, repeat_prob=1.0, curriculum=curricula.Curriculum(
+          made_up_prob=1.0, repeat_last_only=True,
+          same_drawing_prob=1.0 if args.same_drawing else 0.0))
   cue_rng = np.random.default_rng(args.seed)
-  things = [x['name'] for x in instruct.split_texts('emoji', interleaved.TRAIN_SPLIT,
-                                                     task.data_dir)]
-  digit_of = flamingo.load_cue_table(args.cue_table)
+  things = [x['name'] for x in pipeline.split_texts('emoji', interleaved.TRAIN_SPLIT,
+                                                    task.data_dir)]
+  digit_of = curricula.load_cue_table(args.cue_table)
   rows, answers, own_cue = [], [], []
   while len(answers) < args.num_sequences:
     batch = next(stream)
@@ -81,13 +84,13 @@ def repeat_rows(task, args):
       answers.append(earlier.index(names[-1]))
       cues = None
       if args.cued and args.cue_digits == 'per_thing':
-        cues = interleaved.thing_cues([things[i] for i in ids], digit_of)
+        cues = curricula.thing_cues([things[i] for i in ids], digit_of)
         own_cue.append(cues[:-1].count(cues[answers[-1]]) == 1)
       elif args.cued:
-        cues = interleaved.with_cues(names, cue_rng)
+        cues = curricula.with_cues(names, cue_rng)
       for candidate in earlier:
-        row = interleaved.sequence(tokenizer, earlier + [candidate], MAX_LEN, cues,
-                                   args.cue_at)
+        row = curricula.sequence(tokenizer, earlier + [candidate], MAX_LEN, cues,
+                                 args.cue_at)
         # Weigh only the last chunk's '<candidate>.', its EOC not.
         weighted = np.flatnonzero(row['loss_weights'])
         last = weighted[-len(tokenizer.encode_text(f'{candidate}.')) - 1:-1]
@@ -107,7 +110,7 @@ def main():
     step, params = evaluate.restore_params(args.workdir, task, mesh)
     rows, answers, own_cue = repeat_rows(task, args)
     batch = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
-    scores = BatchedApply(task.score_fn(mesh), mesh, 64)(params, batch).reshape(-1, 4)
+    scores = BatchedApply(task.score, mesh, 64)(params, batch).reshape(-1, 4)
   picked = scores.argmax(axis=1)
   shown = f'cued ({args.cue_digits}) at {args.cue_at}' if args.cued else 'pictures only'
   drawing = 'the same drawing' if args.same_drawing else 'another drawing'

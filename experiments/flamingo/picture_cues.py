@@ -1,17 +1,17 @@
-r"""A cue digit per thing from its pictures: the table of `data.cue_table`.
+r"""A cue digit per thing from its pictures: the `cue_table` of a curriculum (`curricula.py`).
 
 Each emoji train thing (name) gets the digit of its cluster among 10 k-means clusters of the
 frozen vision tower's embeddings (`FlamingoTask.image_embedding_fn`, the unit mean patch
 feature; one embedding per thing, the mean over its drawings). Things that look alike share
 a digit, so a cross-attention block can learn to read a picture's digit off the features and
-carry it to things it never saw, which a hash of the name (`interleaved.thing_cues` without a
+carry it to things it never saw, which a hash of the name (`curricula.thing_cues` without a
 table) does not allow.
 
-  python experiments/flamingo_picture_cues.py --vision_from workdirs/clip_small \
+  python experiments/flamingo/picture_cues.py --vision_from workdirs/clip_small \
       --out workdirs/picture_cues.json
-  python -m mmjax.train --config configs/flamingo.py:small --config.data.cue_prob=0.5 \
-      --config.data.cue_at=name --config.data.cue_digits=per_thing \
-      --config.data.cue_table=workdirs/picture_cues.json ...
+  python -m mmjax.train --config configs/flamingo.py:small \
+      --config.data.curriculum=experiments/flamingo/curricula.py:cue_prob=0.5,cue_at=name,\
+cue_digits=per_thing,cue_table=workdirs/picture_cues.json ...
 
 Prints the cluster sizes and how often a drawing's own nearest centre is its thing's digit
 (how well a picture says its thing's cue).
@@ -26,8 +26,9 @@ import numpy as np
 from mmjax import config_lib
 from mmjax import sharding
 from mmjax import tasks
-from mmjax.data import instruct
 from mmjax.data import interleaved
+from mmjax.data import pipeline
+from mmjax.data.images import prepare_image
 from mmjax.evals.batching import BatchedApply
 
 NUM_DIGITS = 10
@@ -63,12 +64,11 @@ def main():
   with sharding.activate(mesh):
     task = tasks.get_task(config)
     params = {'vision_tower': task.pretrained_params()['vision_tower']}
-    source = instruct.split_source('emoji', interleaved.TRAIN_SPLIT, task.data_dir)
-    images = np.stack([instruct.prepare_image(source[i]['image'], 'emoji',
-                                              config.data.image_size)
+    source = pipeline.split_source('emoji', interleaved.TRAIN_SPLIT, task.data_dir)
+    images = np.stack([prepare_image(source[i]['image'], 'emoji', config.data.image_size)
                        for i in range(len(source))])
-    embeddings = BatchedApply(task.image_embedding_fn(mesh), mesh, 256)(params, images)
-  names = [x['name'] for x in instruct.split_texts('emoji', interleaved.TRAIN_SPLIT,
+    embeddings = BatchedApply(task.image_embedding, mesh, 256)(params, images)
+  names = [x['name'] for x in pipeline.split_texts('emoji', interleaved.TRAIN_SPLIT,
                                                    task.data_dir)]
   by_name = interleaved.examples_by_name(names)
   things = sorted(by_name)

@@ -1,0 +1,13 @@
+"""Evaluator reports on disk."""
+
+import json
+import os
+
+
+def write_json(directory: str, name: str, step: int, report) -> list[str]:
+  """Writes `report` (JSON-serialisable) to `<directory>/<name>_report_<step>.json`; returns
+  `[path]`, as an evaluator's `write_report` does."""
+  path = os.path.join(directory, f'{name}_report_{step}.json')
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  return [path]
