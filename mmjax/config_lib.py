@@ -49,7 +49,7 @@ def set_key(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
 
 
 def parse_overrides(items) -> dict:
-  """`['model.cross_attn_every=1', 'data.cue_at=name']` -> {dotted key: value}, each value a
+  """`['model.cross_attn_every=1', 'data.repeat_prob=0.5']` -> {dotted key: value}, each value a
   Python literal where it parses as one (1, 0.5, True, (0, 1)), else the string."""
   overrides = {}
   for item in items:
