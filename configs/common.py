@@ -49,4 +49,10 @@ def training(*, batch_size: int, total_steps: int, lr: float, wd: float, warmup_
       checkpoint_every=checkpoint_every,
       keep_checkpoints=2,
       record_example_ids=False,  # write the example ids of every step to the workdir
+      # A step whose loss, gradient norm or new params are not finite is never applied;
+      # 'stop': the run then stops with an error naming the step (before saving anything
+      # after it); 'skip': it goes on and counts such steps (train/nonfinite_steps).
+      nonfinite='stop',
+      # A fault for tests of that policy: the gradient of this step (1-based) becomes NaN.
+      inject_nonfinite_at_step=config_dict.placeholder(int),
   )

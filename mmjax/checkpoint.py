@@ -3,16 +3,35 @@
 The training state (parameters, optimizer state, step, rng) is saved with orbax's
 `StandardSave` and restored onto whatever shardings the caller asks for (so a run can
 resume on another mesh); the grain iterator state is saved beside it, so a resumed run
-sees exactly the examples the uninterrupted run would have seen.
+sees exactly the examples the uninterrupted run would have seen, and so are the config and
+the identity of the training data.
+
+A save is written into a temporary directory and renamed when complete (orbax), so a kill
+during a save leaves the older checkpoints as they were; `restore_latest` skips a newest
+checkpoint that is damaged (a truncated or missing file) for the newest one that restores.
 """
 
 import json
 import os
+import shutil
+import typing
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+DAMAGED_DIR = 'damaged_checkpoints'  # beside the checkpoint directory
+
+
+class Restored(typing.NamedTuple):
+  """What `Checkpointer.restore_latest` found."""
+  step: int
+  state: typing.Any  # restored onto the caller's shardings
+  config: dict | None  # the config saved with it (None if saved without)
+  data_identity: dict | None  # the training data's identity saved with it (None: without)
+  skipped: list[str]  # 'step N: why' for each newer checkpoint that did not restore
 
 
 class Checkpointer:
@@ -22,12 +41,14 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True))
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True))  # the unfinished saves of a killed run
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config=None) -> None:
+  def save(self, step: int, state, data_iterator, config=None,
+           data_identity: dict | None = None) -> None:
     """Starts saving; the state's device buffers are copied before this returns."""
     if step in self.manager.all_steps():
       return
@@ -35,7 +56,56 @@ class Checkpointer:
                  data=grain.checkpoint.CheckpointSave(data_iterator))
     if config is not None:
       items['config'] = ocp.args.JsonSave(config.to_dict())
+    if data_identity is not None:
+      items['data_identity'] = ocp.args.JsonSave(data_identity)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_latest(self, abstract_state, data_iterator) -> Restored | None:
+    """Restores the newest checkpoint that restores on every process (None: there is none).
+
+    A checkpoint that fails to restore (orbax's DATA_LOSS on a truncated array file, a
+    missing file, an iterator-state or config file that is not JSON) is skipped for the next
+    older one. Once an older one restores, the damage was that checkpoint's own: the
+    skipped ones are moved to `damaged_checkpoints/` beside the checkpoint directory (kept
+    for a look, out of the way of new saves and of `max_to_keep`). If none restores, the
+    error names every step and why, and nothing is moved (the cause is then more likely
+    the run than the files, e.g. a changed model).
+    """
+    skipped = {}  # step -> why
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      error = None
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+        config = self.config(step)
+        data_identity = self.data_identity(step)
+      except Exception as e:  # pylint: disable=broad-except  (any damage; judged below)
+        error = e
+      if _on_every_process(error is None):
+        self._set_aside(list(skipped))
+        return Restored(step, state, config, data_identity,
+                        [f'step {s}: {why}' for s, why in skipped.items()])
+      reason = f'{type(error).__name__}: {error}' if error else 'failed on another process'
+      skipped[step] = reason.strip().splitlines()[0][:300]
+    if skipped:
+      raise ValueError(f'no checkpoint in {self.manager.directory} restores:\n  ' + '\n  '.join(
+          f'step {step}: {why}' for step, why in skipped.items()))
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves the damaged checkpoints `steps` to `damaged_checkpoints/<step>` (process 0)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      damaged = os.path.join(os.path.dirname(str(self.manager.directory)), DAMAGED_DIR)
+      os.makedirs(damaged, exist_ok=True)
+      for step in steps:
+        target = os.path.join(damaged, str(step))
+        if os.path.exists(target):
+          shutil.rmtree(target)
+        os.replace(os.path.join(self.manager.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('mmjax checkpoint: damaged set aside')
+    self.manager.reload()
 
   def restore(self, step: int, abstract_state, data_iterator):
     """Restores the state onto `abstract_state`'s shardings and rewinds `data_iterator`.
@@ -59,7 +129,11 @@ class Checkpointer:
 
   def config(self, step: int) -> dict | None:
     """The config saved with checkpoint `step` as a plain dict (None if saved without)."""
-    return _saved_config(self.manager, step)
+    return _saved_json(self.manager, step, 'config')
+
+  def data_identity(self, step: int) -> dict | None:
+    """The training data's identity saved with checkpoint `step` (None if saved without)."""
+    return _saved_json(self.manager, step, 'data_identity')
 
   def wait(self) -> None:
     """Blocks until every started save is on disk."""
@@ -82,11 +156,18 @@ def _common_iterator_state(data_dir: str) -> dict:
   return states[0]
 
 
-def _saved_config(manager, step: int) -> dict | None:
-  if not os.path.isdir(os.path.join(manager.directory, str(step), 'config')):
+def _saved_json(manager, step: int, item: str) -> dict | None:
+  if not os.path.isdir(os.path.join(manager.directory, str(step), item)):
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return restored['config']
+  restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+  return restored[item]
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process (the processes must agree on which step to use)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
 def abstract_like(state, shardings):
@@ -126,7 +207,7 @@ class CheckpointReader:
 
   def config(self, step: int) -> dict | None:
     """The config saved with the checkpoint, as a plain dict (None if saved without)."""
-    return _saved_config(self.manager, step)
+    return _saved_json(self.manager, step, 'config')
 
   def params(self, step: int, abstract_params):
     """Restores `state['params']` onto `abstract_params` (ShapeDtypeStructs with shardings)."""

@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import numbers
 import os
 
 import ml_collections
@@ -9,6 +10,13 @@ import ml_collections
 from mmjax import sharding
 
 DTYPES = ('float32', 'bfloat16')
+# config.nonfinite: what a step with a non-finite loss, gradient or parameter does.
+NONFINITE_POLICIES = ('stop', 'skip')
+# Integer keys of every config (configs/common.py) that count something and must be >= 1:
+# zero would divide by zero (grad_accum_steps, the `step % every` of the training loop) or
+# keep no checkpoint, and would otherwise fail only after compiling.
+POSITIVE_INTEGERS = ('batch_size', 'total_steps', 'grad_accum_steps', 'log_every',
+                     'eval_every', 'checkpoint_every', 'keep_checkpoints')
 
 
 def get_key(config, dotted_key: str):
@@ -83,31 +91,51 @@ def data_dir(config) -> str:
       config.data.data_dir or os.environ.get('MMJAX_DATA_DIR', '~/.cache/mmjax/datasets'))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+def validate(config: ml_collections.ConfigDict, num_devices: int, *,
+             training: bool = True) -> dict[str, int]:
   """Checks the settings every config has that would otherwise fail deep inside compilation
-  (a family's own keys: `mmjax.tasks.validate_config`, which calls this first).
+  or after it (a family's own keys: `mmjax.tasks.validate_config`, which calls this first).
 
-  Returns the resolved mesh shape. Each error names the config key to change.
+  Args:
+    config: the experiment config.
+    num_devices: the devices `config.mesh` must use, all of them (`sharding.mesh_shape`).
+    training: False skips the checks of the training batch against the mesh
+      (`mmjax.evaluate` reads no training batch, and may evaluate on another mesh).
+
+  Returns:
+    The resolved mesh shape.
+
+  Raises:
+    ValueError: naming the config key to change.
   """
+  for key in POSITIVE_INTEGERS:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f'config.{key}={value!r} must be a positive integer')
   mesh = sharding.mesh_shape(config.mesh, num_devices)
   data_parallel = mesh['data'] * mesh['fsdp']
-  if config.batch_size % data_parallel:
-    raise ValueError(
-        f'config.batch_size={config.batch_size} is not divisible by the data-parallel size '
-        f'{data_parallel} (config.mesh.data={mesh["data"]} x config.mesh.fsdp={mesh["fsdp"]})')
-  if config.batch_size % config.grad_accum_steps:
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
-                     f'config.grad_accum_steps={config.grad_accum_steps}')
-  if (config.batch_size // config.grad_accum_steps) % data_parallel:
-    raise ValueError(
-        f'the micro-batch config.batch_size / config.grad_accum_steps = '
-        f'{config.batch_size // config.grad_accum_steps} is not divisible by the '
-        f'data-parallel size {data_parallel}')
+  if training:
+    if config.batch_size % data_parallel:
+      raise ValueError(
+          f'config.batch_size={config.batch_size} is not divisible by the data-parallel size '
+          f'{data_parallel} (config.mesh.data={mesh["data"]} x config.mesh.fsdp={mesh["fsdp"]})')
+    if config.batch_size % config.grad_accum_steps:
+      raise ValueError(f'config.batch_size={config.batch_size} is not divisible by '
+                       f'config.grad_accum_steps={config.grad_accum_steps}')
+    if (config.batch_size // config.grad_accum_steps) % data_parallel:
+      raise ValueError(
+          f'the micro-batch config.batch_size / config.grad_accum_steps = '
+          f'{config.batch_size // config.grad_accum_steps} is not divisible by the '
+          f'data-parallel size {data_parallel}')
   if config.compute_dtype not in DTYPES:
     raise ValueError(f'config.compute_dtype={config.compute_dtype!r}; use one of {DTYPES}')
-  if config.total_steps < 1:
-    raise ValueError(f'config.total_steps={config.total_steps} must be positive')
   if config.adam.mu_dtype not in (None, *DTYPES):
     raise ValueError(f'config.adam.mu_dtype={config.adam.mu_dtype!r}; use None or one of '
                      f'{DTYPES}')
+  if config.nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f'config.nonfinite={config.nonfinite!r}; use one of {NONFINITE_POLICIES}')
+  step = config.inject_nonfinite_at_step
+  if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)
+                           or step < 1):
+    raise ValueError(f'config.inject_nonfinite_at_step={step!r} must be None or a step >= 1')
   return mesh

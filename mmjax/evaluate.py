@@ -6,8 +6,9 @@ r"""Evaluation entry point: restore a checkpoint on the devices present and run 
   python -m mmjax.evaluate --workdir /tmp/openai_clip --hf_dir /path/to/clip-vit-base-patch32 \
       --config configs/clip.py:base --config.data.tokenizer=clip_bpe   # imported weights
 
-A checkpoint written on any mesh restores here: the config's mesh is used if it fits the
-devices present, otherwise all devices go to data parallelism. Metrics go to
+A checkpoint written on any mesh restores here: the config's mesh is used if it uses exactly
+the devices present, otherwise all devices go to data parallelism. The config is checked as
+`mmjax.train` checks it (`tasks.validate_config`) before anything is built. Metrics go to
 `eval_metrics.jsonl`, `tensorboard/eval_metrics/` and `eval/metrics_<step>.json`; each
 evaluator's report (zero-shot confusions, retrieval grids) and the training curves are
 written as JSON / PNG into `eval/`.
@@ -26,6 +27,7 @@ from ml_collections import config_flags
 
 from mmjax import checkpoint
 from mmjax import distributed
+from mmjax import files
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import tasks
@@ -33,15 +35,30 @@ from mmjax import xla_flags
 
 
 def evaluation_mesh(config, devices) -> jax.sharding.Mesh:
-  """The config's mesh if it fits `devices`, else a data-parallel mesh over all of them."""
+  """The config's mesh if it uses exactly `devices`, else a data-parallel mesh over all of them.
+
+  The fallback is for a mesh made for another device count (`sharding.MeshSizeError`: a
+  checkpoint trained on 8 devices evaluated on 1, or on 2 with 8 here), and says so; a
+  malformed `config.mesh` (an unknown axis, a size of 0, two -1 axes) raises its ValueError.
+  """
   try:
-    sharding.mesh_shape(config.mesh, len(devices))
     return sharding.make_mesh(config.mesh, devices)
-  except ValueError as error:
+  except sharding.MeshSizeError as error:
     print(f'config.mesh {dict(config.mesh)} does not fit {len(devices)} devices ({error}); '
           f'evaluating data-parallel over all of them', flush=True)
     return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
                               devices)
+
+
+def validate_config(config, mesh: jax.sharding.Mesh) -> None:
+  """`tasks.validate_config`, the checks `mmjax.train` runs, for evaluating `config` on `mesh`
+  (the one `evaluation_mesh` chose): a ValueError naming the key of a setting that cannot
+  work, before anything is built. The training batch is not checked against the mesh: no
+  training batch is read here."""
+  checked = config.copy_and_resolve_references()
+  with checked.unlocked():
+    checked.mesh = ml_collections.ConfigDict(dict(mesh.shape))
+  tasks.validate_config(checked, mesh.size, training=False)
 
 
 def abstract_params(task, mesh):
@@ -108,6 +125,7 @@ def run(workdir: str, *, config=None, step: int | None = None, devices=None, par
   if config is None:
     raise ValueError('evaluating given params needs their config')
   mesh = evaluation_mesh(config, devices)
+  validate_config(config, mesh)
   is_chief = distributed.is_chief()
   with sharding.activate(mesh):
     task = tasks.get_task(config)
@@ -129,7 +147,7 @@ def run(workdir: str, *, config=None, step: int | None = None, devices=None, par
     writer.close()
     paths = write_reports(evaluators, report_dir, step)
     metrics_path = os.path.join(report_dir, f'metrics_{step}.json')
-    with open(metrics_path, 'w') as f:
+    with files.atomic_write(metrics_path) as f:
       json.dump({'step': step, 'mesh': dict(mesh.shape), **metrics}, f, indent=1)
     paths += [metrics_path] + metrics_writer.plot_curves(workdir)
   return step, metrics, paths

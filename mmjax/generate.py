@@ -24,8 +24,17 @@ The model is any `Decoder` (a flax module; this module imports no model):
     sequence (`keys = length`) and returns None for the cache.
   `embed(tokens [batch, length]) -> [batch, length, width]` (a linen method), how
     `generate_without_cache` extends `prompt_embeddings`.
+  optionally `check_prompt(tokens, mask, context)` (host-side, on the unbound module): raises
+    a ValueError naming the row of a prompt the model cannot read (a token id outside its
+    vocabulary, a Flamingo's `<image>` token without an image in `context`); numpy `tokens
+    [batch, prompt]` int and `mask [batch, prompt]` bool (padding is not to be read).
 `mmjax.models.decoder.DecoderLM`, `mmjax.models.llava.LLaVA` and `mmjax.models.flamingo`'s
 `Flamingo` and `FlamingoLM` implement it.
+
+Prompts are checked on the host before anything is jitted: every row has a real token and is
+left padded (no padding after a real token), then `check_prompt` on token prompts. Prompts
+that are traced (`generate` called inside `jit`) or not all on this host cannot be read and
+go unchecked.
 
 Both are jit-compiled with the model and the sampling settings static (the model must hash).
 Called inside `mmjax.sharding.activate(mesh)` with sharded params and inputs, the model's
@@ -38,12 +47,15 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax import sharding
 
 
 class Decoder(Protocol):
-  """What `generate` needs of a model (module docstring): a flax module with these methods."""
+  """What `generate` needs of a model (module docstring): a flax module with these methods,
+  and optionally `check_prompt(tokens, mask, context)` (not part of the protocol's type, as
+  `generate` calls it only where the model has it)."""
 
   def init_cache(self, batch: int, max_len: int) -> Any:
     ...
@@ -129,6 +141,42 @@ def _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens,
       raise ValueError(f'{sampling} draws at random: pass rng')
     rng = jax.random.key(0)
   return rng
+
+
+def _on_host(x):
+  """`x` as numpy, or None where it cannot be read here (traced, or partly on other hosts)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return np.asarray(x)
+
+
+def _check_prompt(model, prompt_tokens, prompt_mask, context):
+  """Raises a ValueError naming the row of an invalid prompt (module docstring).
+
+  `prompt_mask [batch, prompt]`: every row has a real token and no padding after one (a row
+  is left padded). Then `model.check_prompt` on `prompt_tokens [batch, prompt]`, if both.
+  """
+  mask = _on_host(prompt_mask)
+  if mask is None:
+    return
+  mask = mask.astype(bool)
+  empty = np.flatnonzero(~mask.any(axis=1))
+  if empty.size:
+    raise ValueError(f'prompt row {empty[0]} is empty (prompt_mask all False): a prompt needs '
+                     'at least one real token')
+  # Padding after a real token (right or inner padding): decoding would continue the row
+  # from a padding slot.
+  pad_after_real = ~mask[:, 1:] & np.logical_or.accumulate(mask, axis=1)[:, :-1]
+  if pad_after_real.any():
+    row, position = np.argwhere(pad_after_real)[0]
+    raise ValueError(f'prompt row {row} has padding at position {position + 1} after a real '
+                     'token: prompts are left padded (prompt_mask False, then True)')
+  check = getattr(model, 'check_prompt', None)
+  tokens = None if prompt_tokens is None else _on_host(prompt_tokens)
+  if check is not None and tokens is not None:
+    check(tokens, mask, context)
 
 
 def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, sampling,
@@ -251,6 +299,7 @@ def _call(impl, model, params, prompt_tokens, prompt_embeddings, prompt_mask, co
           max_new_tokens, rng, sampling, stop_tokens, pad_id):
   rng = _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng,
                       sampling)
+  _check_prompt(model, prompt_tokens, prompt_mask, context)
   return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask,
               context, rng, model=model, max_new_tokens=int(max_new_tokens), sampling=sampling,
               stop_tokens=tuple(int(token) for token in stop_tokens), pad_id=int(pad_id))
@@ -267,7 +316,8 @@ def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=No
     prompt_tokens: `[batch, prompt]` int token ids, or
     prompt_embeddings: `[batch, prompt, width]` inputs to the decoder stack (e.g. text
       embeddings with image features spliced in); new tokens go in as token ids.
-    prompt_mask: `[batch, prompt]` bool, True on real tokens; padding on the left only.
+    prompt_mask: `[batch, prompt]` bool, True on real tokens; padding on the left only, and
+      at least one real token per row.
     context: what the model reads besides the text, passed to every `decode` call (e.g. a
       Flamingo's media `[batch, images, latents, width]`, a LLaVA's image features `[batch,
       patches, width]`); None for a plain LM.
@@ -280,6 +330,12 @@ def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=No
   Returns:
     `tokens [batch, max_new_tokens]` int32 and `lengths [batch]` int32, the number of
     tokens each row emitted (stop token included); `tokens[i, lengths[i]:] == pad_id`.
+
+  Raises:
+    ValueError: bad arguments, or (prompts on this host, not traced) a prompt row that is
+      empty, has padding after a real token, or that `model.check_prompt` refuses (e.g. a
+      token id outside the vocabulary, more `<image>` tokens than a Flamingo's media hold);
+      the message names the row.
   """
   return _call(_generate_with_cache, model, params, prompt_tokens, prompt_embeddings,
                prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id)

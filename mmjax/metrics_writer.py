@@ -1,11 +1,13 @@
-"""Metrics to `<name>.jsonl`, TensorBoard event files, and curve PNGs in the workdir."""
+"""Metrics to `<name>.jsonl`, TensorBoard event files, and curve PNGs in the workdir, each
+safe against a kill at any byte (`mmjax.files`)."""
 
-import json
 import os
 
 from matplotlib.figure import Figure  # No pyplot: no global backend is chosen or needed.
 import numpy as np
 import tensorboardX
+
+from mmjax import files
 
 # Eval metrics worth a curve: accuracy and recall at the first rank.
 _CURVE_SUFFIXES = ('top1', 'top5', 'R@1', 'R@5')
@@ -16,29 +18,33 @@ class MetricsWriter:
 
   name: 'metrics' for training (`metrics.jsonl`, `tensorboard/`), e.g. 'eval_metrics' for
   a separate evaluation run (`eval_metrics.jsonl`, `tensorboard/eval_metrics/`).
+  resume_step: the step training resumes from (None: not a resume). Records past it, left
+    by a run that died after its last checkpoint, are dropped from the `.jsonl` (rewritten
+    atomically), and TensorBoard is told to purge its events past it, so a resumed run
+    never shows a step twice.
   """
 
-  def __init__(self, workdir: str, *, name: str = 'metrics', enabled: bool = True):
+  def __init__(self, workdir: str, *, name: str = 'metrics', enabled: bool = True,
+               resume_step: int | None = None):
     self.workdir = workdir
     self.enabled = enabled
     self.jsonl_path = os.path.join(workdir, f'{name}.jsonl')
-    logdir = os.path.join(workdir, 'tensorboard', '' if name == 'metrics' else name)
-    self.tensorboard = tensorboardX.SummaryWriter(logdir) if enabled else None
-
-  def truncate_after(self, step: int) -> None:
-    """Drops records past `step` (left by a run that died after its last checkpoint)."""
-    if not self.enabled or not os.path.exists(self.jsonl_path):
+    self.tensorboard = None
+    if not enabled:
       return
-    kept = [r for r in read_records(self.jsonl_path) if r['step'] <= step]
-    with open(self.jsonl_path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in kept)
+    if resume_step is not None and os.path.exists(self.jsonl_path):
+      files.rewrite_jsonl(self.jsonl_path, [r for r in read_records(self.jsonl_path)
+                                            if r['step'] <= resume_step])
+    logdir = os.path.join(workdir, 'tensorboard', '' if name == 'metrics' else name)
+    # purge_step: TensorBoard discards the earlier event files' events at steps >= it.
+    self.tensorboard = tensorboardX.SummaryWriter(
+        logdir, purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return
     scalars = {key: float(value) for key, value in metrics.items() if np.ndim(value) == 0}
-    with open(self.jsonl_path, 'a') as f:
-      f.write(json.dumps({'step': step, **scalars}) + '\n')
+    files.append_jsonl(self.jsonl_path, {'step': step, **scalars})
     for key, value in scalars.items():
       self.tensorboard.add_scalar(key, value, step)
     self.tensorboard.flush()
@@ -50,11 +56,9 @@ class MetricsWriter:
 
 
 def read_records(path: str) -> list[dict]:
-  """The `{'step': ..., metric: value}` records of a metrics `.jsonl` file."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The `{'step': ..., metric: value}` records of a metrics `.jsonl` file ([] if none; a
+  torn last line is left out, see `files.read_jsonl`)."""
+  return files.read_jsonl(path)
 
 
 def plot_curves(workdir: str) -> list[str]:
@@ -88,5 +92,6 @@ def _plot(path: str, curves: dict[str, list], ylabel: str) -> str:
   if len(curves) > 1:
     axis.legend(fontsize=7)
   figure.tight_layout()
-  figure.savefig(path, dpi=100)
+  with files.atomic_write(path, 'wb') as f:
+    figure.savefig(f, dpi=100, format='png')
   return path

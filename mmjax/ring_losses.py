@@ -23,8 +23,11 @@ ring would keep every step's text block and logits as residuals). The cost is on
 `[B/n, B/n, d]` matmul per block than plain autodiff (4 instead of 3).
 
 The tensor axis, if any, is replicated for the loss (each tensor replica computes the
-same loss). Without a mesh (or with a mesh that has no batch axes), the whole batch is
-one block: the same arithmetic on one device.
+same loss). The mesh is the one passed, else the one set by `sharding.activate`, else the
+one of the embeddings' `NamedSharding` (also inside `jit`). Without a mesh, embeddings on
+one device (or a mesh with no batch axes) make the whole batch one block: the same
+arithmetic on one device; embeddings that are, or may be, on several devices raise a
+ValueError rather than silently gather the batch.
 """
 
 import functools
@@ -38,13 +41,57 @@ from jax.sharding import PartitionSpec as P
 BATCH_AXES = ('data', 'fsdp')
 
 
-def _resolve_mesh(mesh):
-  """The mesh to run on: `mesh`, else the one from `jax.set_mesh` (None if there is none)."""
+def _array_mesh(x):
+  """The mesh of `x`'s `NamedSharding` over more than one device, else None.
+
+  A concrete `jax.Array` gives its own (concrete) mesh; a tracer inside `jit` gives the
+  abstract mesh that its inputs' shardings carry (empty if they carry none).
+  """
+  if isinstance(x, jax.core.Tracer):
+    mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
+  elif isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding):
+    mesh = x.sharding.mesh
+  else:
+    mesh = None
+  return mesh if mesh is not None and not mesh.empty and mesh.size > 1 else None
+
+
+def _on_one_device(x):
+  """Whether `x` surely lives on one device: a host value, a one-device array, or traced
+  where there is only one device."""
+  if isinstance(x, jax.core.Tracer):
+    return jax.device_count() == 1
+  return not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1
+
+
+def _resolve_mesh(mesh, image, text):
+  """The mesh to run on, or None for the whole batch as one block on one device.
+
+  In order: `mesh`; the one set by `jax.set_mesh` (`sharding.activate`); the mesh of the
+  embeddings' `NamedSharding` (see `_array_mesh`). Without any, the embeddings must be on
+  one device: one block over a batch split across devices would gather it, and the
+  `[B, B]` logits the ring exists to avoid with it.
+
+  Raises:
+    ValueError: no mesh is given, none is set, the embeddings carry none, and they are (or,
+      traced, may be) on more than one device.
+  """
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty:
-    return None
-  return mesh
+  if mesh is not None and not mesh.empty:
+    return mesh
+  for x in (image, text):
+    if (found := _array_mesh(x)) is not None:
+      return found
+  for name, x in (('image_embeddings', image), ('text_embeddings', text)):
+    if not _on_one_device(x):
+      how = 'traced with no mesh in its sharding' if isinstance(x, jax.core.Tracer) else (
+          f'on {len(x.sharding.device_set)} devices with no NamedSharding')
+      raise ValueError(
+          f'ring loss: {name} {jnp.shape(x)} is {how}, no mesh was passed and none is set, '
+          f'so the batch cannot be split into ring blocks (one block would gather the '
+          f'[B, B] logits). Pass `mesh=` or trace inside `sharding.activate(mesh)`.')
+  return None
 
 
 def _batch_axes(mesh, batch_axes):
@@ -276,7 +323,7 @@ def _check_batch(image, text, mesh, axes):
 
 
 def _get(kind, image, text, mesh, batch_axes):
-  mesh = _resolve_mesh(mesh)
+  mesh = _resolve_mesh(mesh, image, text)
   axes = _batch_axes(mesh, batch_axes)
   if not axes:
     mesh = None
@@ -288,8 +335,24 @@ def sigmoid_contrastive_loss(image_embeddings, text_embeddings, logit_scale, log
                              mesh=None, batch_axes=BATCH_AXES):
   """SigLIP's loss over the global batch, as `losses.sigmoid_contrastive_loss`, on a ring.
 
-  `mesh` defaults to the one set by `jax.set_mesh` (`sharding.activate`); the embeddings'
-  batch axis is split over its `batch_axes` (the other axes replicate the computation).
+  `mesh` defaults to the one set by `jax.set_mesh` (`sharding.activate`), else the
+  embeddings' own (`_resolve_mesh`); their batch axis is split over its `batch_axes` (the
+  other axes replicate the computation).
+
+  Args:
+    image_embeddings: `[B, d]`, B divisible by the batch axes' device count.
+    text_embeddings: `[B, d]`, row i the pair of image row i.
+    logit_scale: scalar.
+    logit_bias: scalar.
+    mesh: the mesh to run on; None for the default above.
+    batch_axes: the mesh axes the batch is split over (those the mesh has).
+
+  Returns:
+    The scalar loss.
+
+  Raises:
+    ValueError: on shapes that differ or a batch the devices do not divide, or, with no mesh
+      found, embeddings that may be on several devices.
   """
   fn = _get('sigmoid', image_embeddings, text_embeddings, mesh, batch_axes)
   return fn(image_embeddings, text_embeddings, logit_scale, logit_bias)
@@ -298,6 +361,9 @@ def sigmoid_contrastive_loss(image_embeddings, text_embeddings, logit_scale, log
 def softmax_contrastive_loss(image_embeddings, text_embeddings, logit_scale, *, mesh=None,
                              batch_axes=BATCH_AXES):
   """CLIP's symmetric InfoNCE over the global batch, as `losses.softmax_contrastive_loss`,
-  with streaming log-sum-exps on a ring (see the module docstring)."""
+  with streaming log-sum-exps on a ring (see the module docstring).
+
+  Arguments, mesh resolution and errors as `sigmoid_contrastive_loss` (without a bias).
+  """
   fn = _get('softmax', image_embeddings, text_embeddings, mesh, batch_axes)
   return fn(image_embeddings, text_embeddings, logit_scale)

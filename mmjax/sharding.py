@@ -37,8 +37,28 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+class MeshSizeError(ValueError):
+  """`config.mesh` is well formed but its sizes do not use exactly the devices given (a mesh
+  made for another device count: `mmjax.evaluate` falls back to data parallelism on it)."""
+
+
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
-  """Resolves `config.mesh` (sizes per axis, at most one -1 = the rest) to sizes."""
+  """Resolves `config.mesh` (sizes per axis, at most one -1 = the rest) to sizes.
+
+  The sizes must multiply to exactly `num_devices`: a mesh never uses a subset of the devices
+  silently (on several processes the first devices are all process 0's).
+
+  Args:
+    mesh_config: `config.mesh`, a mapping of axes in `MESH_AXES` to sizes (missing axes: 1).
+    num_devices: the devices the mesh will be made of.
+
+  Returns:
+    `{axis: size}` for every axis of `MESH_AXES`, the sizes multiplying to `num_devices`.
+
+  Raises:
+    MeshSizeError: the sizes do not use exactly `num_devices` devices.
+    ValueError: an unknown axis, a size that is neither positive nor -1, or two -1 axes.
+  """
   unknown = set(mesh_config.keys()) - set(MESH_AXES)
   if unknown:
     raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}')
@@ -52,27 +72,36 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   fixed = math.prod(size for size in sizes.values() if size != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(
+      raise MeshSizeError(
           f'config.mesh: the fixed axes use {fixed} devices, which does not divide the '
           f'{num_devices} devices available, so config.mesh.{free[0]}=-1 has no size')
     sizes[free[0]] = num_devices // fixed
   total = math.prod(sizes.values())
   if total > num_devices:
-    raise ValueError(
-        f'config.mesh={sizes} needs {total} devices but only {num_devices} are available')
+    raise MeshSizeError(
+        f'config.mesh={sizes} needs {total} devices but only {num_devices} are available; '
+        'set one axis to -1 (the remaining devices)')
+  if total < num_devices:
+    raise MeshSizeError(
+        f'config.mesh={sizes} uses {total} devices but {num_devices} are given, and a mesh '
+        'uses all the devices it is given; set one axis to -1 (the remaining devices), or '
+        f'give it only {total} devices (make_mesh(..., devices=jax.devices()[:{total}]))')
   return sizes
 
 
 def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
-  """A mesh over `devices` (default: all) with axes `data`, `fsdp`, `tensor`.
+  """A mesh over exactly `devices` (default: all, `jax.devices()`) with axes `data`, `fsdp`,
+  `tensor`.
 
-  Uses the first `prod(sizes)` devices, so a smaller mesh than the machine is allowed
-  (e.g. one device as the reference for a sharded run).
+  The sizes of `mesh_config` must multiply to `len(devices)` (`mesh_shape`): a smaller mesh
+  than the devices raises a `MeshSizeError` instead of taking the first devices, which on
+  several processes would all be process 0's. A caller that wants fewer devices passes them,
+  e.g. `make_mesh(dict(data=1), jax.devices()[:1])` as the one-device reference of a sharded
+  run.
   """
   devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(mesh_config, len(devices))
-  count = math.prod(sizes.values())
-  grid = np.asarray(devices[:count]).reshape([sizes[axis] for axis in MESH_AXES])
+  grid = np.asarray(devices).reshape([sizes[axis] for axis in MESH_AXES])
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 

@@ -245,6 +245,26 @@ def test_generation_needs_media_exactly_for_a_flamingo():
                  prompt_mask=mask, context=_media(0), max_new_tokens=2)
 
 
+def test_generation_refuses_more_image_tokens_than_media():
+  """Row 0 shows `<image>` at 3 and 7 but the media hold one image per row: the text after
+  position 7 would get exactly zero from the cross-attention. Checked on the host, for the
+  gated LM and the assembled model (unbound: nothing runs)."""
+  tokens, mask = _prompts()
+  one_image = _media(0, images=1)
+  for model in (_model(), _assembled()):
+    with pytest.raises(ValueError, match=r'prompt row 0 has 2 <image> tokens \(id 63\) but the '
+                       r'media hold 1 images per row: the <image> at position 7 has no image'):
+      gen.generate(model, {}, prompt_tokens=tokens, prompt_mask=mask, context=one_image,
+                   max_new_tokens=2)
+    out_of_vocab = np.where(np.arange(LENGTH) == 10, LM['vocab_size'], tokens)
+    with pytest.raises(ValueError, match=r'prompt row 0, position 10: token id 64 is outside'):
+      gen.generate(model, {}, prompt_tokens=out_of_vocab, prompt_mask=mask, context=_media(0),
+                   max_new_tokens=2)
+  # `<image>` ids in the padding are not read (row 0: 2 real ones and 3 in its padding).
+  images_in_padding = np.where(np.asarray(mask), tokens, IMAGE)
+  _model().check_prompt(images_in_padding, np.asarray(mask), _media(0))
+
+
 VISION = dict(patch_size=4, width=MEDIA_WIDTH, depth=1, num_heads=2)
 PERCEIVER = dict(num_latents=LATENTS, depth=1, num_heads=2, head_dim=8)
 

@@ -22,6 +22,7 @@ from mmjax import generate as gen  # noqa: E402
 from mmjax import sharding  # noqa: E402
 from mmjax.convert import hf_llama  # noqa: E402
 from mmjax.models.decoder import DecoderLM  # noqa: E402
+from mmjax.models.llava import LLaVA  # noqa: E402
 
 LM = DecoderLM(vocab_size=96, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 PROMPT_LENGTHS = np.array([7, 3, 7, 1])  # left padded to the longest
@@ -215,3 +216,66 @@ def test_generate_imports_no_model():
       imported |= {f'{node.module}.{alias.name}' for alias in node.names}
   assert 'mmjax.sharding' in imported  # the walk sees the imports
   assert not [name for name in imported if name.startswith('mmjax.models')], imported
+
+
+def _spoilt(which, index, value):
+  """`prompts()` copied, with `tokens[index]` or `mask[index]` (`which`) set to `value`."""
+  tokens, mask = (np.array(x) for x in prompts())
+  {'tokens': tokens, 'mask': mask}[which][index] = value
+  return tokens, mask
+
+
+# case: (which, index, value, the error). `prompts()` rows are 7, 3, 7, 1 tokens long.
+INVALID_PROMPTS = {
+    'right_padding': ('mask', (1, -1), False, r'prompt row 1 has padding at position 6 after '
+                      r'a real token: prompts are left padded'),
+    'inner_padding': ('mask', (0, 2), False,
+                      r'prompt row 0 has padding at position 2 after a real token'),
+    'empty_row': ('mask', 3, False, r'prompt row 3 is empty \(prompt_mask all False\)'),
+    'id_past_vocab': ('tokens', (2, 5), LM.vocab_size, r'prompt row 2, position 5: token id '
+                      r'96 is outside the vocabulary \[0, 96\)'),
+    'negative_id': ('tokens', (3, 6), -1,
+                    r'prompt row 3, position 6: token id -1 is outside the vocabulary'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(INVALID_PROMPTS))
+def test_invalid_prompts_are_refused_naming_the_row(case):
+  """Checked on the host before anything compiles (padding ids are not read: see
+  `test_left_padding_changes_no_token`)."""
+  *edit, message = INVALID_PROMPTS[case]
+  tokens, mask = _spoilt(*edit)
+  for fn in (gen.generate, gen.generate_without_cache):
+    with pytest.raises(ValueError, match=message):
+      fn(LM, params(), prompt_tokens=tokens, prompt_mask=mask, max_new_tokens=MAX_NEW)
+    with pytest.raises(ValueError, match=message):  # the same on device arrays
+      fn(LM, params(), prompt_tokens=jnp.asarray(tokens), prompt_mask=jnp.asarray(mask),
+         max_new_tokens=MAX_NEW)
+
+
+def test_invalid_prompt_embeddings_masks_are_refused():
+  embeddings = np.zeros(prompts()[0].shape + (LM.width,), np.float32)
+  for case in ('right_padding', 'empty_row'):
+    *edit, message = INVALID_PROMPTS[case]
+    _, mask = _spoilt(*edit)
+    with pytest.raises(ValueError, match=message):
+      gen.generate(LM, params(), prompt_embeddings=embeddings, prompt_mask=mask,
+                   max_new_tokens=MAX_NEW)
+
+
+def test_llava_prompt_checks():
+  """LLaVA's vocabulary, and no more image tokens in a row than its image features
+  (`check_prompt` runs on the unbound module: nothing is initialised)."""
+  llava = LLaVA(vision=dict(patch_size=4, width=16, depth=1, num_heads=2),
+                language_model=dict(vocab_size=32, width=16, depth=1, num_heads=2,
+                                    num_kv_heads=1, mlp_dim=32), image_token_id=31)
+  tokens = np.array([[5, 31, 31, 6], [0, 31, 31, 31]], np.int32)
+  mask = np.array([[True] * 4, [False, True, True, True]])
+  features = jax.ShapeDtypeStruct((2, 2, 16), jnp.float32)  # 2 patches per image
+  with pytest.raises(ValueError, match=r'prompt row 1 has 3 image tokens \(id 31\) but the '
+                     r'image features \(context\) hold 2 patches'):
+    gen.generate(llava, {}, prompt_tokens=tokens, prompt_mask=mask, context=features,
+                 max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'prompt row 0, position 3: token id 32 is outside'):
+    gen.generate(llava, {}, prompt_tokens=np.where(tokens == 6, 32, tokens), prompt_mask=mask,
+                 context=features, max_new_tokens=2)

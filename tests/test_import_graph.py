@@ -16,7 +16,7 @@ PACKAGE = os.path.join(REPO, 'mmjax')
 # Module prefix -> the prefixes it may import (itself included). The first matching prefix
 # (longest first) decides. Core modules import only core modules.
 CORE = ('mmjax.sharding', 'mmjax.distributed', 'mmjax.xla_flags', 'mmjax.checkpoint',
-        'mmjax.metrics_writer', 'mmjax.losses', 'mmjax.ring_losses')
+        'mmjax.files', 'mmjax.metrics_writer', 'mmjax.losses', 'mmjax.ring_losses')
 ALLOWED = {
     **{module: CORE for module in CORE},
     'mmjax.data': CORE + ('mmjax.data',),

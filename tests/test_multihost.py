@@ -1,10 +1,15 @@
 """Two processes on localhost (4 CPU devices each, gloo collectives) train exactly like one
-process with 8 devices, and a checkpoint written by the two restores in one process."""
+process with 8 devices; a run resumes across process counts (2 -> 1 and 1 -> 2, with grain
+worker processes) and trains on; SIGTERM to one process first stops both at the same step."""
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -12,6 +17,7 @@ import pytest
 
 from mmjax import checkpoint
 from mmjax import config_lib
+from mmjax import files
 from mmjax import metrics_writer
 from mmjax import sharding
 from mmjax import train
@@ -30,16 +36,20 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_two_processes(workdir, data_dir, xla_flags):
+def _start_two_processes(workdir, data_dir, xla_flags, overrides=None, extra_flags=()):
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS='cpu')
-  flags = [f'--config.{key}={value}' for key, value in OVERRIDES.items()]
-  processes = [subprocess.Popen(
+  flags = [f'--config.{key}={value}' for key, value in (overrides or OVERRIDES).items()]
+  return [subprocess.Popen(
       [sys.executable, '-m', 'mmjax.train', f'--config={TINY}', f'--workdir={workdir}',
-       f'--config.data.data_dir={data_dir}', *flags, f'--coordinator=localhost:{port}',
-       '--num_processes=2', f'--process_id={rank}'],
+       f'--config.data.data_dir={data_dir}', *flags, *extra_flags,
+       f'--coordinator=localhost:{port}', '--num_processes=2', f'--process_id={rank}'],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for rank in (0, 1)]
+
+
+def _train_two_processes(workdir, data_dir, xla_flags, overrides=None, extra_flags=()):
+  processes = _start_two_processes(workdir, data_dir, xla_flags, overrides, extra_flags)
   outputs = [p.communicate(timeout=900) for p in processes]
   for rank, (p, (out, err)) in enumerate(zip(processes, outputs)):
     assert p.returncode == 0, f'process {rank} failed:\n{err[-4000:]}'
@@ -92,3 +102,84 @@ def _restore(config, workdir, step):
     state = checkpointer.restore(step, trainer.abstract_state, data)
     checkpointer.close()
   return jax.device_get(state), next(data)
+
+
+RESUME = {'total_steps': 8, 'log_every': 1, 'checkpoint_every': 100, 'evals': {},
+          'record_example_ids': True, 'data.worker_count': 1, 'mesh.fsdp': 2}
+
+
+def _iterator_states(step_dir):
+  return sorted(n for n in os.listdir(os.path.join(step_dir, 'data')) if n.startswith('process'))
+
+
+def _global_ids(workdir, processes, steps):
+  """The global batch of example ids of each of `steps`: the processes' logged blocks of it,
+  in process order."""
+  logs = [{record['step']: record['ids'] for record in files.read_jsonl(
+      os.path.join(workdir, f'example_ids.{p}.jsonl'))} for p in range(processes)]
+  return [sum((log[step] for log in logs), []) for step in steps]
+
+
+def _assert_close_states(got, want):
+  # As in test_two_processes_equal_one_process: float sums in another order.
+  scale = max(float(np.abs(p).max()) for p in jax.tree.leaves(want['params']))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_resume_across_process_counts_trains_on(tmp_path, xla_flags):
+  """2 -> 1 and 1 -> 2 processes at step 4 of 8, with a grain worker process per host: the
+  resumed runs see exactly the uninterrupted run's examples and end at its parameters."""
+  data_dir = str(tmp_path / 'data')
+  config = config_lib.load(TINY, {'data.data_dir': data_dir, **RESUME})
+  straight, _ = train.run(config, str(tmp_path / 'straight'))
+  want_ids = train.read_example_ids(str(tmp_path / 'straight'))
+  assert len(want_ids) == 8
+
+  # 2 -> 1: two processes stop at step 4; this process resumes and trains to 8.
+  two_one = str(tmp_path / 'two_one')
+  _train_two_processes(two_one, data_dir, xla_flags(4), RESUME, ['--stop_at_step=4'])
+  assert _iterator_states(os.path.join(two_one, 'checkpoints', '4')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+  shutil.copytree(two_one, two_one + '_first_leg')
+  resumed, _ = train.run(config, two_one)
+  _assert_close_states(jax.device_get(resumed), jax.device_get(straight))
+  first_leg = _global_ids(two_one + '_first_leg', 2, range(4))
+  assert first_leg + train.read_example_ids(two_one)[4:] == want_ids
+
+  # 1 -> 2: this process stops at step 4; two processes resume and train to 8.
+  one_two = str(tmp_path / 'one_two')
+  train.run(config, one_two, stop_at_step=4)
+  _train_two_processes(one_two, data_dir, xla_flags(4), RESUME)
+  state, _ = _restore(config, one_two, 8)
+  _assert_close_states(state, jax.device_get(straight))
+  ids = train.read_example_ids(one_two, 0)  # steps 0-3 by one process: whole batches
+  assert ids[:4] + _global_ids(one_two, 2, range(4, 8)) == want_ids
+
+
+def test_sigterm_to_one_process_first_stops_both_at_the_same_step(tmp_path, xla_flags):
+  workdir = str(tmp_path / 'run')
+  overrides = dict(RESUME, total_steps=400, **{'data.worker_count': 0})
+  processes = _start_two_processes(workdir, str(tmp_path / 'data'), xla_flags(4), overrides)
+  ids_files = [os.path.join(workdir, f'example_ids.{rank}.jsonl') for rank in (0, 1)]
+  steps_logged = lambda rank: (len(open(ids_files[rank]).read().splitlines())
+                               if os.path.exists(ids_files[rank]) else 0)
+  deadline = time.time() + 600
+  while steps_logged(1) < 5 and time.time() < deadline and processes[1].poll() is None:
+    time.sleep(0.02)
+  processes[1].send_signal(signal.SIGTERM)  # process 1 alone ...
+  first_signal_step = steps_logged(1)
+  # ... and process 0 a few steps later (or never, if both have stopped by then).
+  timer = threading.Timer(0.5, lambda: processes[0].poll() is None and processes[0].send_signal(
+      signal.SIGTERM))
+  timer.start()
+  outputs = [p.communicate(timeout=600) for p in processes]
+  timer.cancel()
+  for rank, (p, (out, err)) in enumerate(zip(processes, outputs)):
+    assert p.returncode == 0, f'process {rank} failed:\n{err[-4000:]}'
+  saved = int(outputs[0][0].split('SIGTERM: saved step')[1].split(',')[0])
+  assert first_signal_step <= saved < 400
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(saved)]
+  assert _iterator_states(os.path.join(workdir, 'checkpoints', str(saved))) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
+  assert steps_logged(0) == steps_logged(1) == saved  # both trained exactly to that step

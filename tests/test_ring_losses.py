@@ -83,17 +83,62 @@ def test_explicit_mesh_and_no_mesh():
   np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
-def test_no_global_logits_in_the_compiled_loss():
-  """No [B, B] (nor [B/n, B]) array appears in the compiled loss and gradient."""
-  batch, n = 256, 8
-  image, text = _embeddings(batch=batch, dim=16)
+@pytest.mark.parametrize('kind', ['sigmoid', 'softmax'])
+@pytest.mark.parametrize('mesh_from', ['activate', 'inputs'])
+def test_no_global_logits_in_the_compiled_loss(kind, mesh_from):
+  """No [B, B] (nor [B/n, B]) array and no all-gather of the batch in the compiled loss and
+  gradient, whether the mesh is set (`sharding.activate`) or only the inputs' sharding has
+  it (traced outside `activate`)."""
+  batch, n, dim = 256, 8, 16
+  image, text = _embeddings(batch=batch, dim=dim)
   mesh = _mesh(dict(data=n))
-  with sharding.activate(mesh):
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
-    fn = jax.jit(jax.value_and_grad(ring_losses.sigmoid_contrastive_loss, argnums=(0, 1, 2, 3)))
-    hlo = fn.lower(put(image), put(text), 10.0, -10.0).compile().as_text()
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+  args = (put(image), put(text), 10.0, -10.0)[:4 if kind == 'sigmoid' else 3]
+  fn = jax.jit(jax.value_and_grad(getattr(ring_losses, f'{kind}_contrastive_loss'),
+                                  argnums=tuple(range(len(args)))))
+  if mesh_from == 'activate':
+    with sharding.activate(mesh):
+      hlo = fn.lower(*args).compile().as_text()
+  else:
+    hlo = fn.lower(*args).compile().as_text()
   assert f'f32[{batch // n},{batch // n}]' in hlo
+  assert 'collective-permute(' in hlo
   assert f'{batch},{batch}]' not in hlo and f'{batch // n},{batch}]' not in hlo
+  gathers = [line for line in hlo.splitlines() if 'all-gather(' in line]
+  assert not [line for line in gathers if f'[{batch},' in line], gathers
+
+
+def test_mesh_from_concrete_inputs(monkeypatch):
+  """Eagerly, outside `activate` and with no `mesh=`, sharded inputs give the ring its mesh:
+  the text blocks travel (`ppermute`) and the gradient comes back sharded like them."""
+  image, text = _embeddings(seed=2, batch=40, dim=24)  # a shape no other test traces
+  mesh = _mesh(dict(data=2, fsdp=4))
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))
+  permutes = []
+  ppermute = jax.lax.ppermute
+  monkeypatch.setattr(jax.lax, 'ppermute',
+                      lambda *args, **kwargs: permutes.append(1) or ppermute(*args, **kwargs))
+  want = losses.softmax_contrastive_loss(image, text, 20.0)
+  value, grad = jax.value_and_grad(ring_losses.softmax_contrastive_loss)(
+      put(image), put(text), 20.0)
+  np.testing.assert_allclose(value, want, rtol=2e-6)
+  assert permutes
+  assert grad.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 2)
+
+
+@pytest.mark.parametrize('kind', ['sigmoid', 'softmax'])
+def test_traced_without_any_mesh_raises(kind):
+  """Traced with no mesh passed, none set and none in the inputs' sharding (8 devices): a
+  ValueError that says what to do, never one gathered block."""
+  image, text = _embeddings(batch=16)
+  fn = getattr(ring_losses, f'{kind}_contrastive_loss')
+  args = (image, text, 10.0, -10.0)[:4 if kind == 'sigmoid' else 3]
+  with pytest.raises(ValueError, match=r'image_embeddings \(16, 32\).*traced.*Pass `mesh=` '
+                     r'or trace inside `sharding.activate'):
+    jax.jit(fn)(*args)
+  # On host values there is nothing to split: one block, as before.
+  np.testing.assert_allclose(fn(*args), getattr(losses, f'{kind}_contrastive_loss')(*args),
+                             rtol=2e-6)
 
 
 @pytest.fixture(scope='module')

@@ -193,7 +193,7 @@ def test_tiny_clip_learns_zero_shot_digits(tiny_clip_run):
 
 
 def _trainer(config, mesh_axes):
-  mesh = sharding.make_mesh(mesh_axes)
+  mesh = sharding.make_mesh(mesh_axes, jax.devices()[:int(np.prod(list(mesh_axes.values())))])
   return mesh, train.Trainer(config, mesh)
 
 

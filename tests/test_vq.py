@@ -305,6 +305,27 @@ def test_sharded_training_matches_one_device(data_dir):
 
 
 @pytest.mark.slow
+def test_frozen_codebook_gets_no_ema_update_or_restart(data_dir):
+  """`config.trainable` leaving the quantizer out freezes it against the non-gradient EMA and
+  dead-code-restart updates too, while the rest trains."""
+  config = tiny_config(data_dir, **{'quantizer.restart_threshold': 0.03, 'quantizer.ema': True,
+                                    'trainable': '(encoder|decoder)/.*'})
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  with sharding.activate(mesh):
+    trainer = train.Trainer(config, mesh)
+    initial = jax.device_get(trainer.init_state(jax.random.PRNGKey(0))['params'])
+    data = trainer.task.train_iterator(process_index=0, process_count=1)
+    batches = [{'image': next(data)['image']} for _ in range(2)]
+  history, params = _steps(config, None, batches)
+  assert 'codes_restarted' not in history[0]  # every code is dead at init, none restarted
+  for name in ('codebook', 'usage', 'ema_sum'):
+    np.testing.assert_array_equal(np.asarray(params['quantizer'][name]),
+                                  initial['quantizer'][name], err_msg=name)
+  assert np.any(np.asarray(params['decoder']['conv_out']['kernel'])
+                != initial['decoder']['conv_out']['kernel'])
+
+
+@pytest.mark.slow
 def test_gan_terms_reach_only_their_own_side(data_dir):
   config = tiny_config(data_dir, **{'loss.gan_weight': 0.5, 'loss.gan_start': 5,
                                     'loss.discriminator.channels': 16,
@@ -342,7 +363,7 @@ def test_gan_terms_reach_only_their_own_side(data_dir):
   # ... and before it nothing reaches the discriminator.
   assert not nonzero(disc(before, 0))
   # update_params counts the steps.
-  counted, _ = task.update_params(params, {})
+  counted, _ = task.update_params(params, {}, jax.tree.map(lambda _: True, params))
   assert float(counted['gan_steps']) == 1.0
 
 

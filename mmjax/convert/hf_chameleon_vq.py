@@ -111,15 +111,17 @@ def _expected_shapes(config: dict) -> tuple[dict, dict]:
   return {path: shape for path, shape in every.items() if path.startswith(_IMPORTED)}, every
 
 
-def params_from_hf(state_dict, config: dict, base_params=None) -> dict:
+def params_from_hf(state_dict, config: dict, base_params=None, *, checkpoint=None) -> dict:
   """HF ChameleonVQVAE `state_dict` (torch tensors or numpy) -> float32 numpy params of
   `VQModel(**config)`; the decoder from `base_params` (default: init with seed 0).
 
-  Raises ValueError naming every HF key missing, unused or mis-shaped.
+  `checkpoint`: the `weight_map.Checkpoint` the state dict was read from, if any. Raises
+  ValueError naming every HF key missing (and, with a checkpoint, its directory and the
+  file the key was expected in), unused or mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   imported_shapes, every = _expected_shapes(config)
-  imported = weight_map.to_ours(arrays, rules(config), imported_shapes)
+  imported = weight_map.to_ours(arrays, rules(config), imported_shapes, checkpoint=checkpoint)
   base = _flat(base_params) if base_params is not None else _flat(_init(config))
   missing = sorted(set(every) - set(base) - set(imported))
   if missing:

@@ -50,16 +50,17 @@ def rules(config: dict) -> list[weight_map.Rule]:
   ]
 
 
-def params_from_hf(state_dict, config: dict) -> dict:
+def params_from_hf(state_dict, config: dict, *, checkpoint=None) -> dict:
   """HF CLIPModel `state_dict` (torch tensors or numpy) -> our float32 numpy params.
 
   `config` is `config_from_hf(...)` (or any config of `LAYOUT`): it gives the heads to
   split q/k/v into and, per tower, whether blocks are stacked on a leading `layers` axis
-  (`scan`) or named `block_{i}`. Raises ValueError naming every HF key missing, unused or
-  mis-shaped.
+  (`scan`) or named `block_{i}`. `checkpoint`: the `weight_map.Checkpoint` the state dict
+  was read from, if any. Raises ValueError naming every HF key missing (and, with a
+  checkpoint, its directory and the file the key was expected in), unused or mis-shaped.
   """
   hf_common.check_layout(config, LAYOUT, 'CLIPModel')
-  return hf_common.params_from_hf(state_dict, config, rules(config))
+  return hf_common.params_from_hf(state_dict, config, rules(config), checkpoint)
 
 
 def params_to_hf(params, config: dict) -> dict[str, np.ndarray]:

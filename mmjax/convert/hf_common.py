@@ -143,15 +143,18 @@ def _num_positions(array):
   return array.shape[0] if array is not None and array.ndim else None
 
 
-def params_from_hf(state_dict, config: dict, rules: list[weight_map.Rule]) -> dict:
+def params_from_hf(state_dict, config: dict, rules: list[weight_map.Rule],
+                   checkpoint: weight_map.Checkpoint | None = None) -> dict:
   """HF `state_dict` (torch tensors or numpy arrays) -> our float32 numpy params, by `rules`.
 
-  HF `position_ids` buffers, which older checkpoints saved, are ignored.
+  HF `position_ids` buffers, which older checkpoints saved, are ignored. `checkpoint`
+  (where `state_dict` was read from, if it was) is named in the errors of `to_ours`.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   expected = _expected_shapes(config, _num_positions(arrays.get(_POSITIONS_KEY)))
   flat = weight_map.to_ours(arrays, rules, expected, _stacked(config),
-                            ignore=lambda key: key.endswith('.position_ids'))
+                            ignore=lambda key: key.endswith('.position_ids'),
+                            checkpoint=checkpoint)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 

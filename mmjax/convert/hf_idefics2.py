@@ -70,18 +70,20 @@ def expected_shapes(config: dict, width: int) -> dict[str, tuple[int, ...]]:
           for path, leaf in flax.traverse_util.flatten_dict(shapes, sep='/').items()}
 
 
-def params_from_hf(state_dict, config: dict, *, prefix: str = PREFIX) -> dict:
+def params_from_hf(state_dict, config: dict, *, prefix: str = PREFIX, checkpoint=None) -> dict:
   """HF Idefics2 `state_dict` (torch tensors or numpy) -> our float32 numpy resampler params.
 
-  `config` is `config_from_hf(...)`; the width is that of HF's `latents`. Raises ValueError
-  naming every resampler tensor missing, unused or mis-shaped.
+  `config` is `config_from_hf(...)`; the width is that of HF's `latents`. `checkpoint`: the
+  `weight_map.Checkpoint` the state dict was read from, if any. Raises ValueError naming
+  every resampler tensor missing (and, with a checkpoint, its directory and the file it was
+  expected in), unused or mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()
             if key.startswith(prefix)}
-  if f'{prefix}latents' not in arrays:
-    raise ValueError(f'HF key missing: {prefix}latents (is prefix={prefix!r} right?)')
+  weight_map.check_present(arrays, [f'{prefix}latents'], checkpoint,
+                           why=f' (is prefix={prefix!r} right?)')
   width = arrays[f'{prefix}latents'].shape[-1]
   stacked = ('transformer',) if weight_map.option(config, PerceiverResampler, 'scan') else ()
   flat = weight_map.to_ours(arrays, rules(config, prefix), expected_shapes(config, width),
-                            stacked)
+                            stacked, checkpoint=checkpoint)
   return flax.traverse_util.unflatten_dict(flat, sep='/')

@@ -128,18 +128,21 @@ def expected_shapes(config: dict, path: str = '') -> dict[str, tuple[int, ...]]:
 
 
 def params_from_hf(state_dict, config: dict, *, hf_prefix: str = 'model.',
-                   lm_head_key: str = 'lm_head.weight') -> dict:
+                   lm_head_key: str = 'lm_head.weight', checkpoint=None) -> dict:
   """HF LlamaForCausalLM `state_dict` (torch tensors or numpy) -> our float32 numpy params.
 
   `config` is `config_from_hf(...)` (any DecoderLM kwargs): heads to split projections
-  into, whether blocks are stacked (`scan`). Raises ValueError naming every HF key
-  missing, unused or mis-shaped.
+  into, whether blocks are stacked (`scan`). `checkpoint`: the `weight_map.Checkpoint` the
+  state dict was read from, if any. Raises ValueError naming every HF key missing (and,
+  with a checkpoint, its directory and the file the key was expected in), unused or
+  mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   tied = weight_map.option(config, DecoderLM, 'tie_embeddings')
   flat = weight_map.to_ours(arrays, rules(config, hf_prefix=hf_prefix, lm_head_key=lm_head_key),
                             expected_shapes(config), stacked(config),
-                            ignore=lambda key: tied and key == lm_head_key)
+                            ignore=lambda key: tied and key == lm_head_key,
+                            checkpoint=checkpoint)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 

@@ -14,6 +14,10 @@ Projector: HF always has `linear_1`, act, `linear_2`. With `projector_hidden_act
 it is LLaVA-1.5's 'mlp' projector; with `'linear'` (no activation) the two layers are one
 linear map, imported as LLaVA-1's 'linear' projector: weight `W2 W1`, bias `W2 b1 + b2`,
 composed in float64 (so not bit-exact, ~1e-7 relative).
+
+From a `save_pretrained` directory: `arrays, checkpoint = hf_directory.read_checkpoint(path)`,
+then `params_from_hf(arrays, config, checkpoint=checkpoint)`, whose errors name the
+directory and the file each missing tensor was expected in.
 """
 
 import dataclasses
@@ -107,8 +111,15 @@ def rules(config: dict) -> list[weight_map.Rule]:
                           path='lm/')]
 
 
-def _compose_linear_projector(arrays: dict, bias: bool) -> dict:
-  """Replaces HF's `linear_1`, `linear_2` by the one map `linear_2(linear_1(x))`."""
+def _compose_linear_projector(arrays: dict, bias: bool, checkpoint) -> dict:
+  """Replaces HF's `linear_1`, `linear_2` by the one map `linear_2(linear_1(x))`.
+
+  Raises ValueError naming each of them that `arrays` lacks (and where it was expected).
+  """
+  names = ('linear_1.weight', 'linear_2.weight') + (('linear_1.bias', 'linear_2.bias')
+                                                    if bias else ())
+  weight_map.check_present(arrays, [_PROJECTOR + name for name in names], checkpoint,
+                           why=" (LLaVA-1's 'linear' projector composes linear_1 and linear_2)")
   arrays = dict(arrays)
   pop = lambda name: np.float64(arrays.pop(f'{_PROJECTOR}{name}'))
   weight_1, weight_2 = pop('linear_1.weight'), pop('linear_2.weight')
@@ -133,16 +144,19 @@ def _expected_shapes(config: dict, num_positions: int | None) -> dict[str, tuple
           for path, leaf in flax.traverse_util.flatten_dict(shapes, sep='/').items()}
 
 
-def params_from_hf(state_dict, config: dict) -> dict:
+def params_from_hf(state_dict, config: dict, *, checkpoint=None) -> dict:
   """HF LlavaForConditionalGeneration `state_dict` (torch or numpy) -> our float32 numpy params.
 
   `config` is `config_from_hf(...)`. The vision encoder layers from `vision['depth']` on,
-  `post_layernorm` and, with tied embeddings, `lm_head.weight` are not used. Raises
-  ValueError naming every other HF key missing, unused or mis-shaped.
+  `post_layernorm` and, with tied embeddings, `lm_head.weight` are not used. `checkpoint`:
+  the `weight_map.Checkpoint` the state dict was read from, if any. Raises ValueError
+  naming every other HF key missing (and, with a checkpoint, its directory and the file the
+  key was expected in), unused or mis-shaped.
   """
   arrays = {key: weight_map.to_numpy(value) for key, value in state_dict.items()}
   if weight_map.option(config, LLaVA, 'projector_kind') == 'linear':
-    arrays = _compose_linear_projector(arrays, weight_map.option(config, LLaVA, 'projector_bias'))
+    arrays = _compose_linear_projector(
+        arrays, weight_map.option(config, LLaVA, 'projector_bias'), checkpoint)
   depth = config['vision']['depth']
   later_layer = re.compile(re.escape(_VISION) + r'encoder\.layers\.(\d+)\.')
 
@@ -158,5 +172,5 @@ def params_from_hf(state_dict, config: dict) -> dict:
   positions = arrays.get(_POSITIONS_KEY)
   num_positions = positions.shape[0] if positions is not None and positions.ndim else None
   flat = weight_map.to_ours(arrays, rules(config), _expected_shapes(config, num_positions),
-                            stacked, ignore=dropped)
+                            stacked, ignore=dropped, checkpoint=checkpoint)
   return flax.traverse_util.unflatten_dict(flat, sep='/')

@@ -67,14 +67,16 @@ def rules(config: dict) -> list[weight_map.Rule]:
   ]
 
 
-def params_from_hf(state_dict, config: dict) -> dict:
+def params_from_hf(state_dict, config: dict, *, checkpoint=None) -> dict:
   """HF SiglipModel `state_dict` (torch tensors or numpy) -> our float32 numpy params.
 
   `config` is `config_from_hf(...)` (or any config of `LAYOUT` with a `bias_init`).
-  Raises ValueError naming every HF key missing, unused or mis-shaped.
+  `checkpoint`: the `weight_map.Checkpoint` the state dict was read from, if any. Raises
+  ValueError naming every HF key missing (and, with a checkpoint, its directory and the
+  file the key was expected in), unused or mis-shaped.
   """
   hf_common.check_layout(config, LAYOUT, 'SiglipModel')
-  return hf_common.params_from_hf(state_dict, config, rules(config))
+  return hf_common.params_from_hf(state_dict, config, rules(config), checkpoint)
 
 
 def params_to_hf(params, config: dict) -> dict[str, np.ndarray]:

@@ -4,7 +4,9 @@ A `Rule` ties one tensor of a torch `state_dict` (`hf_key`) to one or more of ou
 (`paths`, '/'-joined, e.g. `text_tower/ln_final/scale`), with the transform each way.
 A list of rules describes a whole model; `to_ours` and `to_hf` apply it, checking every
 shape against the shapes the model wants and naming every missing, unused or mis-shaped
-tensor in one ValueError.
+tensor in one ValueError. Given the `Checkpoint` the tensors were read from
+(`hf_directory.read_checkpoint`), the error also names its directory and, for each missing
+tensor, the file it was expected in.
 
 Rules are written for blocks named `{transformer}/block_{i}`. Transformers built with
 `scan=True` hold them stacked on a leading layer axis as `{transformer}/blocks`; both
@@ -12,8 +14,9 @@ directions take the list of such `stacked` transformer paths and (un)stack in be
 """
 
 import dataclasses
+import os
 import re
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -31,6 +34,44 @@ def to_numpy(x) -> np.ndarray:
   if hasattr(x, 'detach'):
     x = x.detach().cpu().float().numpy()
   return np.asarray(x, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """Where a state dict was read from, for error messages.
+
+  `directory`: a `save_pretrained` directory. `files`: each HF key's file, as a sharded
+  checkpoint's `index` lists them; a key not there is expected in `default_file` (a
+  one-file checkpoint's `model.safetensors`), or, None, is not in the index.
+  """
+  directory: str
+  files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  default_file: str | None = None
+  index: str | None = None
+
+  def where(self, key: str) -> str:
+    """Where `key` should be, as ' (expected in FILE)' or ' (not in INDEX)'."""
+    if key in self.files:
+      return f' (expected in {os.path.join(self.directory, self.files[key])}, per {self.index})'
+    if self.default_file is not None:
+      return f' (expected in {os.path.join(self.directory, self.default_file)})'
+    return f' (not in {os.path.join(self.directory, self.index or "")})'
+
+
+def _missing(key: str, checkpoint: Checkpoint | None) -> str:
+  return f'HF key missing: {key}' + ('' if checkpoint is None else checkpoint.where(key))
+
+
+def _weights(checkpoint: Checkpoint | None) -> str:
+  return 'HF weights' + ('' if checkpoint is None else f' in {checkpoint.directory}')
+
+
+def check_present(arrays, keys, checkpoint: Checkpoint | None = None, why: str = ''):
+  """Raises ValueError naming each of `keys` that `arrays` lacks (and where it was expected,
+  from `checkpoint`), for a loader that reads tensors before `to_ours`; `why` says what
+  needs them."""
+  missing = [_missing(key, checkpoint) for key in keys if key not in arrays]
+  _raise(missing, f'{_weights(checkpoint)} do not fit the model{why}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,19 +222,21 @@ def _unmatched(rules, expected, stacked):
 
 
 def to_ours(arrays: dict[str, np.ndarray], rules: list[Rule], expected: dict[str, tuple],
-            stacked=(), ignore: Callable[[str], bool] = lambda key: False) -> dict[str, np.ndarray]:
+            stacked=(), ignore: Callable[[str], bool] = lambda key: False,
+            checkpoint: Checkpoint | None = None) -> dict[str, np.ndarray]:
   """HF `arrays` -> our params as a flat `{'/'-joined path: array}` dict, blocks of `stacked`
   transformers stacked.
 
   `expected` maps every param path (blocks unstacked) to the shape the model wants. HF
-  keys for which `ignore(key)` holds may go unused. Raises ValueError naming every HF key
-  missing, unused or of the wrong shape, and every param that no rule fills or that the
-  model lacks.
+  keys for which `ignore(key)` holds may go unused. `checkpoint`, if the arrays were read
+  from one, is named in the error. Raises ValueError naming every HF key missing (and the
+  file it was expected in), unused or of the wrong shape, and every param that no rule
+  fills or that the model lacks.
   """
   problems, flat = [], {}
   for rule in rules:
     if rule.hf_key not in arrays:
-      problems.append(f'HF key missing: {rule.hf_key}')
+      problems.append(_missing(rule.hf_key, checkpoint))
       continue
     array = arrays[rule.hf_key]
     try:
@@ -212,7 +255,7 @@ def to_ours(arrays: dict[str, np.ndarray], rules: list[Rule], expected: dict[str
   problems += [f'HF key not used: {key}' for key in sorted(arrays)
                if key not in used and not ignore(key)]
   problems += _unmatched(rules, expected, stacked)
-  _raise(problems, 'HF weights do not fit the model')
+  _raise(problems, f'{_weights(checkpoint)} do not fit the model')
   return _stack(flat, stacked)
 
 

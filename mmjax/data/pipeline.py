@@ -12,8 +12,10 @@ augmentation, caption templates) is a function of (seed, position in the sequenc
 
 import fcntl
 import functools
+import hashlib
 import os
 
+from absl import flags
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -25,6 +27,7 @@ from mmjax.data import tuxpaint
 from mmjax.data.images import prepare_image, preprocess
 
 _BUILDERS = {'digits': digits.Digits, 'emoji': emoji.Emoji, 'tuxpaint': tuxpaint.TuxPaint}
+DATASETS = tuple(_BUILDERS)  # the names `build` and the train iterators take
 _EVAL_SPLITS = {
     'digits': {'test': 'test'},
     'emoji': {'heldout_style/seen': 'test_seen', 'heldout_style/unseen': 'test_unseen'},
@@ -77,6 +80,21 @@ def build(name: str, data_dir: str) -> None:
       print(f'Building dataset {name!r} in {data_dir} ...', flush=True)
       tfds.disable_progress_bar()
       builder.download_and_prepare()
+
+
+def dataset_identity(name: str, data_dir: str) -> dict:
+  """What built dataset `name` is: `{'version': builder version, 'train_sha256': hash of
+  its train split's files}`. Two machines whose installed packages drew it differently
+  (e.g. an apt emoji style present on one only) get different hashes."""
+  builder = prepared(name, data_dir)
+  digest = hashlib.sha256()
+  prefix = f'{builder.name}-train.'
+  for file_name in sorted(n for n in os.listdir(builder.data_dir) if n.startswith(prefix)):
+    digest.update(file_name.encode())
+    with open(os.path.join(builder.data_dir, file_name), 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+  return {'version': str(builder.version), 'train_sha256': digest.hexdigest()}
 
 
 def class_names(name: str, data_dir: str) -> list[str]:
@@ -194,6 +212,10 @@ def host_batches(ds, *, global_batch_size: int, process_index: int, process_coun
   ds = ds[process_index::process_count].to_iter_dataset(
       grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if worker_count:
+    # grain's worker processes read absl flags; outside an absl app (a notebook, pytest)
+    # nothing parsed them, and reading one would raise. Their defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(ds)
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from mmjax import files
 from mmjax.data import pipeline
 from mmjax.evals.batching import BatchedApply
 
@@ -120,7 +121,8 @@ class ReconstructionEvaluator:
       grid = image_grid(to_unit_range(images[picks]), to_unit_range(reconstructions[picks]),
                         columns, min_side)
       path = os.path.join(directory, f'reconstruction_{name.replace("/", "_")}_{step}.png')
-      Image.fromarray(grid).save(path)
+      with files.atomic_write(path, 'wb') as f:
+        Image.fromarray(grid).save(f, format='PNG')
       paths.append(path)
     return paths
 

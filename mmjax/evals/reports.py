@@ -3,11 +3,13 @@
 import json
 import os
 
+from mmjax import files
+
 
 def write_json(directory: str, name: str, step: int, report) -> list[str]:
   """Writes `report` (JSON-serialisable) to `<directory>/<name>_report_<step>.json`; returns
   `[path]`, as an evaluator's `write_report` does."""
   path = os.path.join(directory, f'{name}_report_{step}.json')
-  with open(path, 'w') as f:
+  with files.atomic_write(path) as f:
     json.dump(report, f, indent=1)
   return [path]

@@ -11,6 +11,7 @@ import os
 from matplotlib.figure import Figure  # No pyplot: no global backend is chosen or needed.
 import numpy as np
 
+from mmjax import files
 from mmjax.evals.batching import BatchedApply
 
 RECALL_AT = (1, 5, 10)
@@ -104,7 +105,8 @@ class RetrievalEvaluator:
       figure.suptitle(f'text -> image retrieval, {name}, step {step}')
       figure.tight_layout()
       path = os.path.join(directory, f'retrieval_{name.replace("/", "_")}_{step}.png')
-      figure.savefig(path, dpi=80)
+      with files.atomic_write(path, 'wb') as f:
+        figure.savefig(f, dpi=80, format='png')
       paths.append(path)
     return paths
 

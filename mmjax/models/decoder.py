@@ -14,17 +14,38 @@ tied). Matches Hugging Face `LlamaForCausalLM` (`mmjax.convert.hf_llama`).
 
 A parent module calls `self.lm.embed(tokens)` and `self.lm(embeddings=...)` to splice
 other modalities into the embedded sequence (LLaVA), and `self.lm.head(x)` for the logits
-of its own decoder stack (Flamingo). `init_cache`, `decode` and `embed` are the decoder
-protocol of `mmjax.generate`.
+of its own decoder stack (Flamingo). `init_cache`, `decode`, `embed` and `check_prompt` are
+the decoder protocol of `mmjax.generate`.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models import layers
 
 # Logical axes of a cache array `[depth, batch, max_len, num_kv_heads, head_dim]`.
 CACHE_AXES = ('layers', 'act_batch', 'act_length', 'act_heads', None)
+
+
+def check_prompt_tokens(tokens, mask, vocab_size: int):
+  """Raises if a real prompt token is not a token id of the vocabulary (host-side).
+
+  Args:
+    tokens: `[batch, prompt]` int (numpy); the padding (`mask` False) is not read.
+    mask: `[batch, prompt]` bool, True on real tokens.
+    vocab_size: ids must be in `[0, vocab_size)`.
+
+  Raises:
+    ValueError: naming the first row, position and id out of range (an id past the
+      embedding table would embed as NaN, a negative one wrap around).
+  """
+  tokens = np.asarray(tokens)
+  bad = np.asarray(mask, bool) & ((tokens < 0) | (tokens >= vocab_size))
+  if bad.any():
+    row, position = np.argwhere(bad)[0]
+    raise ValueError(f'prompt row {row}, position {position}: token id '
+                     f'{tokens[row, position]} is outside the vocabulary [0, {vocab_size})')
 
 
 class DecoderBlock(nn.Module):
@@ -190,3 +211,11 @@ class DecoderLM(nn.Module):
                        'Flamingo reads media, a LLaVA image features)')
     return self(tokens, embeddings=embeddings, positions=positions, kv_mask=kv_mask,
                 cache=cache, cache_index=cache_index)
+
+  @nn.nowrap
+  def check_prompt(self, tokens, mask, context=None):
+    """`mmjax.generate.Decoder.check_prompt`: every real token of `tokens [batch, prompt]`
+    (numpy; `mask [batch, prompt]` bool) is in the vocabulary (`check_prompt_tokens`).
+    Works on an unbound module."""
+    del context  # `decode` refuses one
+    check_prompt_tokens(tokens, mask, self.vocab_size)

@@ -37,11 +37,13 @@ gated block before the group's last layer; the decoder's parameters enter the sc
 (stacked `[groups, every, ...]`), which keeps them under `lm` while the gated blocks' own
 parameters are scanned under `gated_xattn`.
 
-Both models are `mmjax.generate` decoders (`init_cache`, `decode`, `embed`) whose context is
-the media. The cache is `{'lm': the LM's KV cache, 'images_seen': [batch] int32}`, the
-`<image>` tokens of each row before the call's first token, so that a new token sees the
-image its row last showed. The media keys and values are recomputed at each step (a few
-latents per image, cheap next to the decoder's cache).
+Both models are `mmjax.generate` decoders (`init_cache`, `decode`, `embed`, `check_prompt`)
+whose context is the media; `check_prompt` refuses a prompt row with more `<image>` tokens
+than the media hold images (the text after the extra ones would silently see no image).
+The cache is `{'lm': the LM's KV cache, 'images_seen': [batch] int32}`, the `<image>` tokens
+of each row before the call's first token, so that a new token sees the image its row last
+showed. The media keys and values are recomputed at each step (a few latents per image,
+cheap next to the decoder's cache).
 """
 
 import functools
@@ -49,6 +51,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models import layers
 from mmjax.models import decoder
@@ -217,6 +220,35 @@ class FlamingoLM(nn.Module):
     images_seen = images_seen + jnp.sum(tokens == self.media_token_id, axis=1, dtype=jnp.int32)
     return logits, {'lm': lm_cache, 'images_seen': images_seen}
 
+  @nn.nowrap
+  def check_prompt(self, tokens, mask, context=None):
+    """`mmjax.generate.Decoder.check_prompt` (host-side; works on an unbound module).
+
+    Args:
+      tokens: `[batch, prompt]` int (numpy).
+      mask: `[batch, prompt]` bool, True on real tokens.
+      context: the media `[batch, images, latents, media_width]`, or None (`decode` refuses
+        that).
+
+    Raises:
+      ValueError: a real token outside the LM's vocabulary (`decoder.check_prompt_tokens`),
+        or a row with more `<image>` tokens than the media hold images (the text after the
+        extra ones would get exactly zero from the cross-attention), naming the row and the
+        position of the first `<image>` without an image.
+    """
+    decoder.check_prompt_tokens(tokens, mask, self.language_model['vocab_size'])
+    if context is None:
+      return
+    images = context.shape[1]
+    is_image = (np.asarray(tokens) == self.media_token_id) & np.asarray(mask, bool)
+    counts = is_image.sum(axis=1)
+    if (counts > images).any():
+      row = np.flatnonzero(counts > images)[0]
+      position = np.flatnonzero(is_image[row])[images]
+      raise ValueError(f'prompt row {row} has {counts[row]} <image> tokens (id '
+                       f'{self.media_token_id}) but the media hold {images} images per row: '
+                       f'the <image> at position {position} has no image')
+
   def _forward(self, tokens, media, positions, kv_mask, cache=None, cache_index=None,
                images_before=None):
     batch, images, latents, media_width = media.shape
@@ -377,3 +409,8 @@ class Flamingo(nn.Module):
     """`FlamingoLM.decode`; `context` is `media(images)`."""
     return self.text.decode(tokens, embeddings=embeddings, context=context, positions=positions,
                             kv_mask=kv_mask, cache=cache, cache_index=cache_index)
+
+  @nn.nowrap
+  def check_prompt(self, tokens, mask, context=None):
+    """`FlamingoLM.check_prompt`; `context` is `media(images)`. Works on an unbound module."""
+    self._text(parent=None).check_prompt(tokens, mask, context)

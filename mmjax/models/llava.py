@@ -20,17 +20,18 @@ trains the projector alone ('projector/.*'), stage 2 the projector and the LM
     features = model.apply({'params': params}, images, method=model.image_features)
     generate.generate(model, {'params': params}, prompt_tokens=tokens, context=features, ...)
 
-LLaVA is an `mmjax.generate` decoder (`init_cache`, `decode`, `embed`) whose context is the
-projected image features: `decode` splices them in at the image tokens of its call's
-tokens, the cache `{'lm': the LM's KV cache, 'image_tokens_seen': [batch] int32}` counting
-the image tokens already spliced.
+LLaVA is an `mmjax.generate` decoder (`init_cache`, `decode`, `embed`, `check_prompt`) whose
+context is the projected image features: `decode` splices them in at the image tokens of its
+call's tokens, the cache `{'lm': the LM's KV cache, 'image_tokens_seen': [batch] int32}`
+counting the image tokens already spliced.
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models import layers
-from mmjax.models.decoder import DecoderLM
+from mmjax.models.decoder import DecoderLM, check_prompt_tokens
 from mmjax.models.vit import ViT, vision_params_from_clip
 
 PROJECTOR_KINDS = ('linear', 'mlp')
@@ -173,6 +174,31 @@ class LLaVA(nn.Module):
     if tokens is not None:
       seen = seen + jnp.sum(tokens == self.image_token_id, axis=1, dtype=jnp.int32)
     return logits, {'lm': lm_cache, 'image_tokens_seen': seen}
+
+  @nn.nowrap
+  def check_prompt(self, tokens, mask, context=None):
+    """`mmjax.generate.Decoder.check_prompt` (host-side; works on an unbound module).
+
+    Args:
+      tokens: `[batch, prompt]` int (numpy).
+      mask: `[batch, prompt]` bool, True on real tokens.
+      context: the image features `[batch, patches, lm_width]`, or None (text only).
+
+    Raises:
+      ValueError: a real token outside the LM's vocabulary (`check_prompt_tokens`), or,
+        with a context, a row with more image tokens than it has features (those past the
+        last feature would silently keep their token embedding), naming the row.
+    """
+    check_prompt_tokens(tokens, mask, self.language_model['vocab_size'])
+    if context is None:
+      return
+    patches = context.shape[1]
+    counts = np.sum((np.asarray(tokens) == self.image_token_id) & np.asarray(mask, bool), axis=1)
+    if (counts > patches).any():
+      row = np.flatnonzero(counts > patches)[0]
+      raise ValueError(f'prompt row {row} has {counts[row]} image tokens (id '
+                       f'{self.image_token_id}) but the image features (context) hold '
+                       f'{patches} patches')
 
   def vision_params_from_clip(self, clip_image_params) -> dict:
     """One of our CLIP checkpoints' `image_tower` params -> `vision_tower` params here

@@ -20,9 +20,12 @@ def get_task(config) -> Task:
   return task_class(config)(config)
 
 
-def validate_config(config, num_devices: int) -> dict[str, int]:
+def validate_config(config, num_devices: int, *, training: bool = True) -> dict[str, int]:
   """`config_lib.validate` (the keys every config has), then the family's own checks
-  (`Task.validate_config`). Returns the resolved mesh shape."""
-  mesh = config_lib.validate(config, num_devices)
+  (`Task.validate_config`). Returns the resolved mesh shape.
+
+  training: False skips the checks of the training batch against the mesh (`mmjax.evaluate`).
+  """
+  mesh = config_lib.validate(config, num_devices, training=training)
   task_class(config).validate_config(config)
   return mesh

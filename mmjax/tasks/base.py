@@ -62,15 +62,26 @@ class Task(abc.ABC):
     logged as `name/metric`."""
     return evals.build(self.config.evals, self.capabilities(), self.eval_data(), mesh)
 
-  def update_params(self, params, aux: dict):
+  def update_params(self, params, aux: dict, trainable):
     """Updates that are not gradient steps, run inside the train step after the optimizer's.
 
     `aux` is the loss's second output (averaged over micro-batches); a task may put
     statistics there for this hook (e.g. the VQ tokenizer's EMA codebook and dead-code
-    restarts, `mmjax/tasks/vq.py`). Returns `(params, metrics)`: the params, same tree and
-    shapes, and the scalar metrics to log. Default: no change.
+    restarts, `mmjax/tasks/vq.py`). `trainable` is `config.trainable` as a tree of bools
+    over `params` (`mmjax.train.trainable_mask`): a param it marks False is frozen and must
+    come back unchanged (counters that are not weights, like the VQ GAN's step count, are
+    the task's to keep). Returns `(params, metrics)`: the params, same tree and shapes, and
+    the scalar metrics to log. Default: no change.
     """
+    del trainable
     return params, aux
+
+  @abc.abstractmethod
+  def train_data_identity(self) -> dict:
+    """What the training data is, as a JSON-able dict saved with every checkpoint: the
+    datasets' builder versions and content hashes (`pipeline.dataset_identity`) and whatever
+    decides the data mix on this machine. Called after `train_iterator` built the data; a
+    resume whose identity differs is refused (`mmjax.train.check_resume`)."""
 
   def pretrained_params(self) -> dict:
     """Top-level param subtrees to load into fresh params, `{name: tree of arrays}` whose

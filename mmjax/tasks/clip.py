@@ -68,6 +68,9 @@ class ClipTask(Task):
 
   @classmethod
   def validate_config(cls, config):
+    if config.data.name not in pipeline.DATASETS:
+      raise ValueError(f'config.data.name={config.data.name!r} is not a dataset; use one of '
+                       f'{pipeline.DATASETS}')
     if config.loss not in LOSSES:
       raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
     if config.loss_impl not in LOSS_IMPLS:
@@ -144,6 +147,10 @@ class ClipTask(Task):
         max_text_len=data.max_text_len, global_batch_size=self.config.batch_size,
         seed=self.config.seed, process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment)
+
+  def train_data_identity(self):
+    name = self.config.data.name
+    return {name: pipeline.dataset_identity(name, self.data_dir)}
 
   def encode_image(self, params, images):
     """`[b, h, w, 3]` in [-1, 1] -> unit-norm image embeddings `[b, embed_dim]`."""

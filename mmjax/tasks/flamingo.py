@@ -137,6 +137,10 @@ class FlamingoTask(Task):
         worker_count=data.worker_count, augment=data.augment, repeat_prob=data.repeat_prob,
         curriculum=interleaved.load_curriculum(data.curriculum))
 
+  def train_data_identity(self):
+    return {'emoji': pipeline.dataset_identity('emoji', self.data_dir),
+            'curriculum': self.config.data.curriculum}
+
   def pretrained_params(self):
     """Top-level param subtrees from `config.init` workdirs, as numpy (`tasks.pretrained`)."""
     return pretrained.init_parts(self.config.init, self.config.model.vision)

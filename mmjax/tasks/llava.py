@@ -19,6 +19,7 @@ from mmjax import config_lib
 from mmjax import generate
 from mmjax import losses
 from mmjax.data import instruct
+from mmjax.data import pipeline
 from mmjax.data.tokenizers import ByteLMTokenizer
 from mmjax.evals import capabilities
 from mmjax.models.decoder import DecoderLM
@@ -53,6 +54,15 @@ class LlavaTask(Task):
   @classmethod
   def validate_config(cls, config):
     data, model = config.data, config.model
+    unknown = sorted(set(data.weights) - set(instruct.QUESTION_KINDS))
+    if unknown:
+      raise ValueError(f'config.data.weights has unknown question kinds {unknown}; use some of '
+                       f'{list(instruct.QUESTION_KINDS)}')
+    if any(weight < 0 for weight in data.weights.values()):
+      raise ValueError(f'config.data.weights={dict(data.weights)}: weights must be >= 0')
+    if not any(weight > 0 for weight in data.weights.values()):
+      raise ValueError(f'config.data.weights={dict(data.weights)} gives no question kind a '
+                       'positive weight')
     language_model_checks.check_language_model(config)
     if model.image_token_id != ByteLMTokenizer.image_id:
       raise ValueError(f'config.model.image_token_id={model.image_token_id} must be the '
@@ -106,6 +116,14 @@ class LlavaTask(Task):
         image_size=data.image_size, global_batch_size=self.config.batch_size,
         seed=self.config.seed, process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment)
+
+  def train_data_identity(self):
+    """The datasets of the question kinds installed here, and those kinds' weights: a
+    machine without a kind's apt package trains on another mix."""
+    kinds = instruct.select_kinds(self.config.data.weights)
+    datasets = sorted({instruct.QUESTION_KINDS[kind].dataset for kind in kinds})
+    return {'kinds': kinds,
+            **{name: pipeline.dataset_identity(name, self.data_dir) for name in datasets}}
 
   def answer(self, params, batch):
     """int32 [b, generation.max_new_tokens]: greedy answers to the left-padded prompts

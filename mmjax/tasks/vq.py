@@ -78,6 +78,9 @@ class VQTask(Task):
 
   @classmethod
   def validate_config(cls, config):
+    if config.data.name not in pipeline.DATASETS:
+      raise ValueError(f'config.data.name={config.data.name!r} is not a dataset; use one of '
+                       f'{pipeline.DATASETS}')
     model, quantizer, loss = config.model, config.quantizer, config.loss
     levels = len(model.channel_multiplier)
     if levels < 1:
@@ -167,11 +170,12 @@ class VQTask(Task):
     loss = on * (self.config.loss.gan_weight * generator + discriminator)
     return loss, {'gan_generator_loss': generator, 'gan_discriminator_loss': discriminator}
 
-  def update_params(self, params, aux):
+  def update_params(self, params, aux, trainable):
     aux = dict(aux)
     update = aux.pop('codebook_update', None)
     params = dict(params)
-    if update is not None:
+    # A frozen codebook (config.trainable) gets no EMA update and no dead-code restarts.
+    if update is not None and trainable['quantizer']['codebook']:
       params['quantizer'], metrics = vq.apply_codebook_update(
           params['quantizer'], update, ema=self.model.ema,
           epsilon=self.config.quantizer.ema_epsilon)
@@ -190,6 +194,10 @@ class VQTask(Task):
         global_batch_size=self.config.batch_size, seed=self.config.seed,
         process_index=process_index, process_count=process_count,
         worker_count=data.worker_count, augment=data.augment, jitter=data.jitter)
+
+  def train_data_identity(self):
+    name = self.config.data.name
+    return {name: pipeline.dataset_identity(name, self.data_dir)}
 
   def _apply(self, params, inputs, method):
     return self.model.apply({'params': self.tokenizer_params(params)}, inputs, method=method)
