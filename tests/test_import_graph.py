@@ -29,6 +29,7 @@ ALLOWED = {
                            'mmjax.evals', 'mmjax.config_lib', 'mmjax.tasks'),
     'mmjax.train': ('mmjax',),
     'mmjax.evaluate': ('mmjax',),
+    'mmjax.experiment': ('mmjax',),
     'mmjax': ('mmjax',),  # the package's own __init__
 }
 
