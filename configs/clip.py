@@ -1,4 +1,4 @@
-r"""CLIP: ViT image tower + causal text tower trained with the softmax InfoNCE loss.
+r"""CLIP: ViT (or ResNet) image tower + causal text tower trained with the softmax InfoNCE loss.
 
 Variants (`--config configs/clip.py:VARIANT`):
   tiny   digits 8x8, 2+2 layers of width 64: tests, seconds on a laptop.
@@ -8,6 +8,9 @@ Variants (`--config configs/clip.py:VARIANT`):
 
   python -m mmjax.train --config configs/clip.py:small --workdir /tmp/clip_small \
       --config.lr=3e-4 --config.mesh.fsdp=2
+  # CLIP's ResNet image tower (open_clip's ModifiedResNet; docs/clip.md), as CLIP lays it out:
+  python -m mmjax.train --config configs/clip.py:small --workdir /tmp/clip_small_rn \
+      --config.model.image.kind=resnet --config.model.image_projection=none
 """
 
 import math
@@ -41,9 +44,18 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       # Architecture switches (CLIP's values here; configs/siglip.py sets SigLIP's):
       # image pool 'cls' (class token) | 'map' (attention-pooling head); text pool 'eot'
       # (at argmax id) | 'last' (last position); projections 'linear' | 'linear_bias' | 'none'.
-      image=dict(patch_size=2, width=64, depth=2, num_heads=2, mlp_ratio=4.0,
-                 activation='gelu', layer_norm_eps=1e-5, patch_bias=False, class_token=True,
-                 ln_pre=True, pool='cls'),
+      image=dict(
+          kind='vit',  # 'vit' (ViT) | 'resnet' (CLIP's ModifiedResNet, mmjax/models/resnet.py)
+          # kind='vit' reads these:
+          patch_size=2, width=64, depth=2, num_heads=2, mlp_ratio=4.0, activation='gelu',
+          layer_norm_eps=1e-5, patch_bias=False, class_token=True, ln_pre=True, pool='cls',
+          stem='patch',  # 'patch' (patchify convolution) | 'conv' (a convolutional stem)
+          # kind='resnet' reads these (and needs data.image_size a multiple of 32): blocks per
+          # stage, stem width (features 32x as wide), attention-pool heads, 'batch' | 'group'
+          # norm, GroupNorm groups, BatchNorm running-statistics momentum. Its pool projects
+          # to embed_dim itself: image_projection='none' is CLIP's layout ('linear' adds one).
+          resnet_layers=(1, 1, 1, 1), resnet_width=16, resnet_heads=8, resnet_norm='batch',
+          resnet_norm_groups=8, resnet_batch_norm_momentum=0.1),
       text=dict(vocab_size=384, context_length=48, width=64, depth=2, num_heads=2,
                 mlp_ratio=4.0, activation='gelu', layer_norm_eps=1e-5, causal=True, pool='eot'),
       image_projection='linear',
@@ -88,7 +100,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
     config.data.update(name='emoji', image_size=224, tokenizer='clip_bpe', max_text_len=77,
                        worker_count=8)
     config.evals.retrieval = dict(type='retrieval', batch_size=256)
-    config.model.image.update(patch_size=16, width=768, depth=12, num_heads=12)
+    config.model.image.update(patch_size=16, width=768, depth=12, num_heads=12,
+                              resnet_layers=(3, 4, 6, 3), resnet_width=64, resnet_heads=32)  # RN50
     config.model.text.update(vocab_size=49408, context_length=77, width=512, depth=12,
                              num_heads=8)
     config.model.embed_dim = 512

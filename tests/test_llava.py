@@ -189,8 +189,10 @@ def test_vision_params_from_clip():
   blocks = [unstacked['transformer'][f'block_{i}'] for i in range(3)]
   stacked = dict(unstacked, transformer={
       'blocks': jax.tree.map(lambda *layers: np.stack(layers), *blocks)})
+  vit = {key: value for key, value in clip_task.image_tower_kwargs(config).items()
+         if key != 'kind'}
   for image_params, scan in ((stacked, True), (unstacked, True), (stacked, False)):
-    llava = LLaVA(vision=dict(config.model.image, depth=2, scan=scan),
+    llava = LLaVA(vision=dict(vit, depth=2, scan=scan),
                   language_model=dict(vocab_size=128, width=32, depth=1, num_heads=2,
                                       num_kv_heads=2, mlp_dim=64), image_token_id=IMAGE_TOKEN)
     vision_params = llava.vision_params_from_clip(image_params)

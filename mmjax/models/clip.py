@@ -1,4 +1,4 @@
-"""CLIP / SigLIP dual encoder: ViT image tower, text tower, learned temperature.
+"""CLIP / SigLIP dual encoder: ViT or ResNet image tower, text tower, learned temperature.
 
 The two towers map images and captions into one `embed_dim` space of unit vectors;
 `losses.softmax_contrastive_loss` (CLIP) or `losses.sigmoid_contrastive_loss` (SigLIP)
@@ -8,13 +8,16 @@ found as `argmax(token_ids)` because it has the highest id, projections without 
 Options give the SigLIP layout of Hugging Face `SiglipModel` (see `mmjax.convert`):
 image tower `ViT(patch_bias=True, class_token=False, ln_pre=False, pool='map')`, text
 tower `TextTower(causal=False, pool='last')`, `image_projection_kind='none'`,
-`text_projection_kind='linear_bias'`.
+`text_projection_kind='linear_bias'`. The image tower may instead be CLIP's ResNet
+(`image['kind']='resnet'`, `mmjax.models.resnet.ModifiedResNet`), whose attention pool
+projects to `embed_dim` itself (open_clip's RN50 layout: `image_projection_kind='none'`).
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.models import layers
+from mmjax.models.resnet import ModifiedResNet
 from mmjax.models.vit import ViT
 
 
@@ -24,6 +27,13 @@ def l2_normalize(x, eps=1e-12):
 
 
 PROJECTION_KINDS = ('linear', 'linear_bias', 'none')
+IMAGE_TOWERS = {'vit': ViT, 'resnet': ModifiedResNet}  # `CLIP.image['kind']` -> module
+
+
+def pooled_width(kind: str, tower: dict) -> int:
+  """The width of the pooled output of an image tower of `kind` with kwargs `tower`:
+  `output_dim` for a `ModifiedResNet`, `width` for a `ViT`."""
+  return tower['output_dim'] if kind == 'resnet' else tower['width']
 
 
 def projection(kind, embed_dim, dtype):
@@ -96,11 +106,17 @@ class TextTower(nn.Module):
 class CLIP(nn.Module):
   """Two towers, their projections, the temperature and (SigLIP) the logit bias.
 
-  `__call__(images [b, h, w, 3], token_ids [b, l])` returns
+  `image`: the image tower's kwargs and its `kind` (default 'vit'): 'vit' a `ViT`, 'resnet'
+  a `ModifiedResNet`; either is the param `image_tower`. `text`: `TextTower` kwargs.
+
+  `__call__(images [b, h, w, 3], token_ids [b, l], train=False)` returns
   `(image_embeddings [b, embed_dim], text_embeddings [b, embed_dim], logit_scale, logit_bias)`
   with unit-norm float32 embeddings; `logit_scale` is `exp(temperature)` clipped at
   `max_logit_scale` (None: not clipped); `logit_bias` is None unless `bias_init` is set.
   The logits are `logit_scale * image_embeddings @ text_embeddings.T (+ logit_bias)`.
+  `train=True` (the training loss) makes a ResNet tower with BatchNorm normalise with the
+  batch's moments and put them in the `batch_stats` collection when it is mutable
+  (`mmjax.models.resnet`); it changes nothing else.
 
   `image_projection_kind` / `text_projection_kind` map a tower's pooled `[b, width]` to
   `[b, embed_dim]`: 'linear' (CLIP; kernel only), 'linear_bias' (SigLIP's text `head`),
@@ -116,13 +132,22 @@ class CLIP(nn.Module):
   text_projection_kind: str = 'linear'
   dtype: jnp.dtype = jnp.float32
 
+  @property
+  def image_kind(self) -> str:
+    return self.image.get('kind', 'vit')
+
   def setup(self):
-    for tower, kind, config in (('image', self.image_projection_kind, self.image),
-                                ('text', self.text_projection_kind, self.text)):
-      if kind == 'none' and config['width'] != self.embed_dim:
+    if self.image_kind not in IMAGE_TOWERS:
+      raise ValueError(f"image kind must be one of {tuple(IMAGE_TOWERS)}, got "
+                       f"{self.image_kind!r}")
+    image = {key: value for key, value in self.image.items() if key != 'kind'}
+    for tower, kind, width in (
+        ('image', self.image_projection_kind, pooled_width(self.image_kind, image)),
+        ('text', self.text_projection_kind, self.text['width'])):
+      if kind == 'none' and width != self.embed_dim:
         raise ValueError(f"{tower}_projection_kind='none' needs {tower} width "
-                         f"{config['width']} == embed_dim {self.embed_dim}")
-    self.image_tower = ViT(**self.image, dtype=self.dtype)
+                         f"{width} == embed_dim {self.embed_dim}")
+    self.image_tower = IMAGE_TOWERS[self.image_kind](**image, dtype=self.dtype)
     self.text_tower = TextTower(**self.text, dtype=self.dtype)
     self.image_projection = projection(self.image_projection_kind, self.embed_dim, self.dtype)
     self.text_projection = projection(self.text_projection_kind, self.embed_dim, self.dtype)
@@ -131,9 +156,10 @@ class CLIP(nn.Module):
     if self.bias_init is not None:
       self.logit_bias = self.param('logit_bias', nn.initializers.constant(self.bias_init), ())
 
-  def encode_image(self, images):
-    """`[b, h, w, 3]` in [-1, 1] -> unit vectors `[b, embed_dim]`."""
-    pooled, _ = self.image_tower(images)
+  def encode_image(self, images, train: bool = False):
+    """`[b, h, w, 3]` in [-1, 1] -> unit vectors `[b, embed_dim]` (`train`: see the class)."""
+    pooled, _ = (self.image_tower(images, train=train) if self.image_kind == 'resnet'
+                 else self.image_tower(images))
     return l2_normalize(pooled if self.image_projection is None
                         else self.image_projection(pooled))
 
@@ -143,9 +169,10 @@ class CLIP(nn.Module):
     return l2_normalize(pooled if self.text_projection is None
                         else self.text_projection(pooled))
 
-  def __call__(self, images, token_ids):
+  def __call__(self, images, token_ids, train: bool = False):
     logit_scale = jnp.exp(self.temperature)
     if self.max_logit_scale is not None:
       logit_scale = jnp.minimum(logit_scale, self.max_logit_scale)
     logit_bias = self.logit_bias if self.bias_init is not None else None
-    return self.encode_image(images), self.encode_text(token_ids), logit_scale, logit_bias
+    return (self.encode_image(images, train), self.encode_text(token_ids), logit_scale,
+            logit_bias)

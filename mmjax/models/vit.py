@@ -4,8 +4,12 @@ CLIP (the defaults): patchify convolution without bias, a class token, learned
 positions, `ln_pre`, a pre-LN Transformer, `ln_post` on the class token.
 SigLIP (`patch_bias=True, class_token=False, ln_pre=False, pool='map'`): patchify
 convolution with bias, learned positions, the Transformer, `ln_post` on every token, then
-a multi-head attention pooling head. Reused by every family that needs image features.
+a multi-head attention pooling head. `stem='conv'` replaces the patchify convolution by a
+convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better").
+Reused by every family that needs image features.
 """
+
+import math
 
 import flax.linen as nn
 import jax
@@ -42,6 +46,42 @@ class MAPHead(nn.Module):
     return y[:, 0]
 
 
+class ConvStem(nn.Module):
+  """`[batch, H, W, 3]` -> `[batch, H / patch, W / patch, width]` by log2(patch) 3x3
+  convolutions of stride 2, each followed by a LayerNorm over channels and a GELU, then a
+  1x1 convolution to `width` (the params `conv_{i}`, `norm_{i}`, `project`).
+
+  Channels double at each stride-2 convolution and reach `width / 2` at the last one (at
+  least 16), as Xiao et al.'s stem, with LayerNorm in place of BatchNorm so that training
+  keeps no running statistics. The same tokens as a patchify convolution of `patch`, with a
+  receptive field that grows gradually.
+  """
+  patch_size: int
+  width: int
+  layer_norm_eps: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    steps = int(round(math.log2(self.patch_size)))
+    if 2 ** steps != self.patch_size or steps < 1:
+      raise ValueError(f"stem='conv' needs a patch_size that is a power of 2 >= 2, got "
+                       f'{self.patch_size}')
+    x = images.astype(self.dtype)
+    conv_init = nn.with_logical_partitioning(nn.initializers.he_normal(),
+                                             (None, None, None, 'embed'))
+    for i in range(steps):
+      channels = max(16, self.width // 2 ** (steps - i))
+      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding='SAME', use_bias=False,
+                  dtype=self.dtype, kernel_init=conv_init, name=f'conv_{i}')(x)
+      x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=jnp.float32,
+                       name=f'norm_{i}')(x).astype(self.dtype)
+      x = nn.gelu(x)
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, name='project', kernel_init=(
+        nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                     (None, None, None, 'embed'))))(x)
+
+
 class ViT(nn.Module):
   """`[batch, height, width, 3]` images -> (pooled `[batch, width]`, tokens `[batch, n, width]`).
 
@@ -54,6 +94,8 @@ class ViT(nn.Module):
     patch_bias   the patchify convolution has a bias (`patch_embed/bias`).
     class_token  prepend a learned class token (`class_token`, `[width]`).
     ln_pre       layer norm (`ln_pre`) on the embedded tokens before the Transformer.
+    stem         'patch': the patchify convolution (`patch_embed`); 'conv': a `ConvStem`
+                 (`stem`) making the same number of tokens.
   """
   patch_size: int
   width: int
@@ -66,6 +108,7 @@ class ViT(nn.Module):
   class_token: bool = True
   ln_pre: bool = True
   pool: str = 'cls'
+  stem: str = 'patch'
   scan: bool = True
   scan_unroll: int | bool = 1  # `layers.Transformer.scan_unroll`
   remat: bool | str = False  # a `layers.REMAT_POLICIES` name, or True (full) / False
@@ -81,13 +124,19 @@ class ViT(nn.Module):
     if height % self.patch_size or width % self.patch_size:
       raise ValueError(
           f'image size {height}x{width} is not divisible by patch_size {self.patch_size}')
-    x = nn.Conv(
-        self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
-        use_bias=self.patch_bias, dtype=self.dtype, name='patch_embed',
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))(
-            images.astype(self.dtype))
+    if self.stem == 'conv':
+      x = ConvStem(self.patch_size, self.width, self.layer_norm_eps, self.dtype,
+                   name='stem')(images)
+    elif self.stem == 'patch':
+      x = nn.Conv(
+          self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
+          use_bias=self.patch_bias, dtype=self.dtype, name='patch_embed',
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('embed',)))(
+              images.astype(self.dtype))
+    else:
+      raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
     x = x.reshape(batch, -1, self.width)
     scale = self.width ** -0.5
     if self.class_token:

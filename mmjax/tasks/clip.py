@@ -13,12 +13,40 @@ from mmjax.data import pipeline
 from mmjax.data import tokenizers
 from mmjax.evals import capabilities
 from mmjax.models import layers
+from mmjax.models import resnet
 from mmjax.models.clip import CLIP
 from mmjax.tasks.base import Task
 
 LOSSES = ('softmax', 'sigmoid')
 LOSS_IMPLS = ('gathered', 'ring')
 PROJECTIONS = ('linear', 'linear_bias', 'none')
+IMAGE_KINDS = ('vit', 'resnet')
+
+
+def image_kind(config) -> str:
+  """`config.model.image.kind`: 'vit' or 'resnet'."""
+  return config.model.image.kind
+
+
+def image_tower_kwargs(config) -> dict:
+  """`CLIP(image=...)` for `config.model.image`: its `kind` and that tower's kwargs.
+
+  `config.model.image` is one flat schema for both kinds: 'vit' reads the unprefixed keys
+  (`ViT` kwargs, plus `config.model.scan`, `scan_unroll`, `remat`); 'resnet' reads the
+  `resnet_*` keys (`ModifiedResNet` kwargs without the prefix, `resnet_batch_norm_momentum`
+  excepted: the task's) and takes `output_dim=config.model.embed_dim` (open_clip's RN layout),
+  `image_size=config.data.image_size` and `remat=config.model.remat`.
+  """
+  model_config, image = config.model, config.model.image
+  if image_kind(config) == 'resnet':
+    return dict(kind='resnet', layers=tuple(image.resnet_layers), width=image.resnet_width,
+                heads=image.resnet_heads, output_dim=model_config.embed_dim,
+                image_size=config.data.image_size, norm=image.resnet_norm,
+                norm_groups=image.resnet_norm_groups, remat=model_config.remat)
+  vit = {key: value for key, value in image.items()
+         if key != 'kind' and not key.startswith('resnet_')}
+  return dict(vit, kind='vit', scan=model_config.scan,
+              scan_unroll=model_config.scan_unroll, remat=model_config.remat)
 
 
 def build_model(config) -> CLIP:
@@ -27,7 +55,7 @@ def build_model(config) -> CLIP:
   tower_options = dict(scan=model_config.scan, scan_unroll=model_config.scan_unroll,
                        remat=model_config.remat)
   return CLIP(
-      image=dict(model_config.image, **tower_options),
+      image=image_tower_kwargs(config),
       text=dict(model_config.text, **tower_options),
       embed_dim=model_config.embed_dim,
       temperature_init=model_config.temperature_init,
@@ -47,6 +75,8 @@ def set_model_config(config, model_kwargs: dict) -> None:
     for key, value in model_kwargs.items():
       if key in ('image', 'text'):
         tower = dict(value)
+        if key == 'image':
+          tower.setdefault('kind', 'vit')  # the converters' towers are ViTs
         config.model.scan = tower.pop('scan', config.model.scan)
         config.model[key].update(tower)
       else:
@@ -60,6 +90,10 @@ class ClipTask(Task):
     super().__init__(config)
     self.model = build_model(config)
     self.data_dir = config_lib.data_dir(config)
+    # A BatchNorm ResNet trains with batch moments; `update_params` folds them into its
+    # running statistics (`mmjax.models.resnet`).
+    self.batch_norm = (image_kind(config) == 'resnet'
+                       and config.model.image.resnet_norm == 'batch')
 
   @functools.cached_property
   def tokenizer(self):
@@ -78,22 +112,34 @@ class ClipTask(Task):
     if config.loss == 'sigmoid' and config.model.bias_init is None:
       raise ValueError('config.loss=sigmoid needs config.model.bias_init (SigLIP uses -10)')
     image, text = config.model.image, config.model.text
-    if config.data.image_size % image.patch_size:
+    kind = image_kind(config)
+    if kind not in IMAGE_KINDS:
+      raise ValueError(f'config.model.image.kind={kind!r}; use one of {IMAGE_KINDS}')
+    # A ResNet has keys of its own (`_validate_resnet`) and its pool projects to embed_dim
+    # itself (`image_tower_kwargs`): the checks of width, heads, pool and projection that
+    # follow are the ViT's and the text tower's.
+    vit = kind == 'vit'
+    towers = (('image', image), ('text', text)) if vit else (('text', text),)
+    if vit and config.data.image_size % image.patch_size:
       raise ValueError(f'config.data.image_size={config.data.image_size} is not divisible by '
                        f'config.model.image.patch_size={image.patch_size}')
-    for tower_name, tower in (('image', image), ('text', text)):
+    if not vit:
+      cls._validate_resnet(config)
+    for tower_name, tower in towers:
       if tower.width % tower.num_heads:
         raise ValueError(f'config.model.{tower_name}.width={tower.width} is not divisible by '
                          f'config.model.{tower_name}.num_heads={tower.num_heads}')
-    choices = {'model.image.pool': ('cls', 'map'), 'model.text.pool': ('eot', 'last'),
-               'model.image_projection': PROJECTIONS, 'model.text_projection': PROJECTIONS}
+    choices = {**({'model.image.pool': ('cls', 'map'), 'model.image.stem': ('patch', 'conv')}
+                  if vit else {}),
+               'model.text.pool': ('eot', 'last'), 'model.image_projection': PROJECTIONS,
+               'model.text_projection': PROJECTIONS}
     for key, allowed in choices.items():
       value = config_lib.get_key(config, key)
       if value not in allowed:
         raise ValueError(f'config.{key}={value!r}; use one of {allowed}')
-    if image.pool == 'cls' and not image.class_token:
+    if vit and image.pool == 'cls' and not image.class_token:
       raise ValueError("config.model.image.pool='cls' needs config.model.image.class_token=True")
-    for tower_name, tower in (('image', image), ('text', text)):
+    for tower_name, tower in towers:
       projection = config.model[f'{tower_name}_projection']
       if projection == 'none' and tower.width != config.model.embed_dim:
         raise ValueError(
@@ -113,6 +159,35 @@ class ClipTask(Task):
       raise ValueError(f'config.data.max_text_len={config.data.max_text_len} exceeds '
                        f'config.model.text.context_length={text.context_length}')
 
+  @staticmethod
+  def _validate_resnet(config):
+    """The `config.model.image.resnet_*` keys and the image size of `kind='resnet'`."""
+    image, prefix = config.model.image, 'config.model.image.resnet'
+    blocks = image.resnet_layers
+    if (not isinstance(blocks, (tuple, list)) or len(blocks) != 4
+        or not all(isinstance(n, int) and n >= 1 for n in blocks)):
+      raise ValueError(f'{prefix}_layers={blocks!r} must be 4 positive block counts, one per '
+                       'stage (RN50: (3, 4, 6, 3))')
+    if image.resnet_width < 2 or image.resnet_width % 2:
+      raise ValueError(f'{prefix}_width={image.resnet_width} must be even and positive (the '
+                       'stem starts with half of it)')
+    features = 32 * image.resnet_width
+    if image.resnet_heads < 1 or features % image.resnet_heads:
+      raise ValueError(f'{prefix}_heads={image.resnet_heads} must divide the feature width '
+                       f'32 * {prefix}_width = {features}')
+    if image.resnet_norm not in resnet.NORMS:
+      raise ValueError(f'{prefix}_norm={image.resnet_norm!r}; use one of {resnet.NORMS}')
+    if image.resnet_norm == 'group' and (image.resnet_norm_groups < 1
+                                         or (image.resnet_width // 2) % image.resnet_norm_groups):
+      raise ValueError(f'{prefix}_norm_groups={image.resnet_norm_groups} must divide the '
+                       f'stem width {prefix}_width / 2 = {image.resnet_width // 2}')
+    if not 0 < image.resnet_batch_norm_momentum <= 1:
+      raise ValueError(f'{prefix}_batch_norm_momentum={image.resnet_batch_norm_momentum} must '
+                       'be in (0, 1]')
+    if config.data.image_size % 32:
+      raise ValueError(f'config.data.image_size={config.data.image_size} is not a multiple of '
+                       "32, which config.model.image.kind='resnet' needs (it downsamples 32x)")
+
   def init(self, rng):
     spec = self.batch_spec(1)
     dummy = {key: jnp.zeros(value.shape, value.dtype) for key, value in spec.items()}
@@ -127,17 +202,33 @@ class ClipTask(Task):
 
   def loss(self, params, batch, rng):
     del rng  # no dropout in these towers
-    image_embeddings, text_embeddings, logit_scale, logit_bias = self.model.apply(
-        {'params': params}, batch['image'], batch['text'])
+    outputs = self.model.apply({'params': params}, batch['image'], batch['text'], train=True,
+                               mutable=['batch_stats'] if self.batch_norm else False)
+    extra = {}
+    if self.batch_norm:  # this batch's BatchNorm moments, for `update_params`
+      outputs, state = outputs
+      extra['batch_stats'] = state['batch_stats']
+    image_embeddings, text_embeddings, logit_scale, logit_bias = outputs
     # 'ring' (mmjax/ring_losses.py): same loss and gradients, no [B, B] logits; it runs on
     # the mesh set by `sharding.activate`.
     impl = ring_losses if self.config.loss_impl == 'ring' else losses
     if self.config.loss == 'sigmoid':
       loss = impl.sigmoid_contrastive_loss(
           image_embeddings, text_embeddings, logit_scale, logit_bias)
-      return loss, {'logit_scale': logit_scale, 'logit_bias': logit_bias}
+      return loss, {'logit_scale': logit_scale, 'logit_bias': logit_bias, **extra}
     loss = impl.softmax_contrastive_loss(image_embeddings, text_embeddings, logit_scale)
-    return loss, {'logit_scale': logit_scale}
+    return loss, {'logit_scale': logit_scale, **extra}
+
+  def update_params(self, params, aux, trainable):
+    """Folds the loss's BatchNorm moments (`aux['batch_stats']`, a BatchNorm ResNet image
+    tower only) into the running statistics (`resnet.update_batch_stats`); frozen ones
+    (`trainable`) stay as they are."""
+    aux = dict(aux)
+    batch_stats = aux.pop('batch_stats', None)
+    if batch_stats is not None:
+      params = resnet.update_batch_stats(
+          params, batch_stats, self.config.model.image.resnet_batch_norm_momentum, trainable)
+    return params, aux
 
   def train_iterator(self, *, process_index, process_count):
     data = self.config.data
