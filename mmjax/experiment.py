@@ -187,11 +187,18 @@ def table(summary: dict, *, title: str) -> str:
   for metric in metrics:
     stats = summary[metric]
     best = max(stats, key=lambda arm: stats[arm]['mean'])
-    apart = [arm for arm in stats if arm != best and (stats[arm]['max'] < stats[best]['min'])]
-    within = [arm for arm in stats if arm != best and arm not in apart]
+    if len(stats[best]['values']) < 2:
+      lines.append(f"- `{metric}`: best {best} ({stats[best]['mean']:.4f}); one seed: no "
+                   'spread to compare the arms with.')
+      continue
+    single = [arm for arm in stats if arm != best and len(stats[arm]['values']) < 2]
+    apart = [arm for arm in stats if arm != best and arm not in single
+             and stats[arm]['max'] < stats[best]['min']]
+    within = [arm for arm in stats if arm != best and arm not in single + apart]
     lines.append(f"- `{metric}`: best {best} ({stats[best]['mean']:.4f}); below it beyond the "
                  f"seed spread: {', '.join(apart) or 'none'}; within it: "
-                 f"{', '.join(within) or 'none'}.")
+                 f"{', '.join(within) or 'none'}"
+                 + (f"; one seed only: {', '.join(single)}." if single else '.'))
   return '\n'.join(lines) + '\n'
 
 
