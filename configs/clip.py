@@ -33,6 +33,9 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
       tokenizer='byte',  # 'byte' (no vocabulary file) or 'clip_bpe' (OpenAI CLIP's BPE)
       max_text_len=48,
       augment=True,
+      # Share of training images redrawn in another drawing style (outline, flat colours or
+      # gray: mmjax/data/images.py) on top of the colour jitter; emoji and Tux Paint only.
+      restyle_prob=0.0,
       worker_count=0,
   )
 
@@ -43,7 +46,8 @@ def get_config(variant: str = 'tiny') -> ml_collections.ConfigDict:
   config.model = dict(
       # Architecture switches (CLIP's values here; configs/siglip.py sets SigLIP's):
       # image pool 'cls' (class token) | 'map' (attention-pooling head); text pool 'eot'
-      # (at argmax id) | 'last' (last position); projections 'linear' | 'linear_bias' | 'none'.
+      # (at argmax id) | 'last' (last position) | 'mean' (tokens up to end-of-text);
+      # projections 'linear' | 'linear_bias' | 'none'.
       image=dict(
           kind='vit',  # 'vit' (ViT) | 'resnet' (CLIP's ModifiedResNet, mmjax/models/resnet.py)
           # kind='vit' reads these:

@@ -159,10 +159,12 @@ def _examples(source) -> list[dict]:
   return [source[i] for i in range(len(source))]
 
 
-def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_len, augment):
+def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_len, augment,
+                   restyle_prob):
   """Example `index` of the train split -> {'image', 'text', 'example_id'}, randomised by `rng`."""
   x = source[index]
-  image = prepare_image(x['image'], name, image_size, rng if augment else None)
+  image = prepare_image(x['image'], name, image_size, rng if augment else None,
+                        restyle_prob=restyle_prob)
   if 'caption' in x:  # A dataset of sentences (Tux Paint).
     caption = x['caption'].decode()
   else:  # A dataset of names: a caption template is drawn.
@@ -176,8 +178,9 @@ def _train_example(index, rng, *, source, name, tokenizer, image_size, max_text_
 
 def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_text_len: int,
                    global_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1, worker_count: int = 0, augment: bool = True):
-  """Infinite grain iterator of this host's batches.
+                   process_count: int = 1, worker_count: int = 0, augment: bool = True,
+                   restyle_prob: float = 0.0):
+  """Infinite grain iterator of this host's batches (`restyle_prob`: `images.random_jitter`).
 
   Each element: {'image': float32 [b, S, S, 3] in [-1, 1], 'text': int32 [b, max_text_len],
   'example_id': int32 [b]} with b = global_batch_size // process_count. Supports
@@ -186,7 +189,7 @@ def train_iterator(name: str, data_dir: str, *, tokenizer, image_size: int, max_
   source = split_source(name, 'train', data_dir)
   example = functools.partial(
       _train_example, source=source, name=name, tokenizer=tokenizer, image_size=image_size,
-      max_text_len=max_text_len, augment=augment)
+      max_text_len=max_text_len, augment=augment, restyle_prob=restyle_prob)
   ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
   ds = ds.random_map(example)  # The rng depends on (seed, position): augmentations resume exactly.
   return host_batches(ds, global_batch_size=global_batch_size, process_index=process_index,

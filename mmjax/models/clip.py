@@ -46,12 +46,17 @@ def projection(kind, embed_dim, dtype):
                       kernel_init=nn.initializers.lecun_normal)
 
 
+POOLS = ('eot', 'last', 'mean')  # `TextTower.pool`
+
+
 class TextTower(nn.Module):
   """`[batch, length]` token ids -> (pooled `[batch, width]`, tokens `[batch, length, width]`).
 
-  `tokens` are `ln_final` of the last block's outputs; `pooled` is one of them, chosen by
-  `pool`: 'eot' the end-of-text token, found as `argmax(token_ids)` (CLIP), or 'last' the
-  last position, padding or not (SigLIP, trained on texts padded to a fixed length).
+  `tokens` are `ln_final` of the last block's outputs; `pooled` is chosen by `pool`: 'eot'
+  the end-of-text token, found as `argmax(token_ids)` (CLIP), 'last' the last position,
+  padding or not (SigLIP, trained on texts padded to a fixed length), or 'mean' the mean of
+  the tokens from the first up to the end-of-text token (padding left out): every word of
+  the caption pooled, closer to a bag of words than the end token alone.
   `causal=True` (CLIP) lets a token see only earlier ones; `causal=False` (SigLIP) lets
   every token, padding included, see every token.
   """
@@ -72,8 +77,8 @@ class TextTower(nn.Module):
 
   @nn.compact
   def __call__(self, token_ids):
-    if self.pool not in ('eot', 'last'):
-      raise ValueError(f"pool must be 'eot' or 'last', got {self.pool!r}")
+    if self.pool not in POOLS:
+      raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}')
     length = token_ids.shape[1]
     if length > self.context_length:
       raise ValueError(f'text length {length} exceeds context_length {self.context_length}')
@@ -95,10 +100,14 @@ class TextTower(nn.Module):
         scan=self.scan, scan_unroll=self.scan_unroll, remat=self.remat, dtype=self.dtype,
         name='transformer')(x)
     tokens = layers.layer_norm(self.layer_norm_eps, name='ln_final')(tokens)
+    end_of_text = jnp.argmax(token_ids, axis=-1)  # [batch]
     if self.pool == 'last':
       pooled = tokens[:, -1]
+    elif self.pool == 'mean':
+      text = (jnp.arange(length)[None, :] <= end_of_text[:, None]).astype(jnp.float32)
+      pooled = (jnp.einsum('bl,bld->bd', text, tokens.astype(jnp.float32))
+                / jnp.sum(text, axis=1, keepdims=True)).astype(tokens.dtype)
     else:
-      end_of_text = jnp.argmax(token_ids, axis=-1)
       pooled = jnp.take_along_axis(tokens, end_of_text[:, None, None], axis=1)[:, 0]
     return pooled, tokens
 

@@ -12,6 +12,7 @@ from mmjax.convert import hf_directory
 from mmjax.data import pipeline
 from mmjax.data import tokenizers
 from mmjax.evals import capabilities
+from mmjax.models import clip as clip_model
 from mmjax.models import layers
 from mmjax.models import resnet
 from mmjax.models.clip import CLIP
@@ -105,6 +106,8 @@ class ClipTask(Task):
     if config.data.name not in pipeline.DATASETS:
       raise ValueError(f'config.data.name={config.data.name!r} is not a dataset; use one of '
                        f'{pipeline.DATASETS}')
+    if not 0 <= config.data.restyle_prob <= 1:
+      raise ValueError(f'config.data.restyle_prob={config.data.restyle_prob} must be in [0, 1]')
     if config.loss not in LOSSES:
       raise ValueError(f'config.loss={config.loss!r}; use one of {LOSSES}')
     if config.loss_impl not in LOSS_IMPLS:
@@ -131,7 +134,7 @@ class ClipTask(Task):
                          f'config.model.{tower_name}.num_heads={tower.num_heads}')
     choices = {**({'model.image.pool': ('cls', 'map'), 'model.image.stem': ('patch', 'conv')}
                   if vit else {}),
-               'model.text.pool': ('eot', 'last'), 'model.image_projection': PROJECTIONS,
+               'model.text.pool': clip_model.POOLS, 'model.image_projection': PROJECTIONS,
                'model.text_projection': PROJECTIONS}
     for key, allowed in choices.items():
       value = config_lib.get_key(config, key)
@@ -237,7 +240,7 @@ class ClipTask(Task):
         data.name, self.data_dir, tokenizer=self.tokenizer, image_size=data.image_size,
         max_text_len=data.max_text_len, global_batch_size=self.config.batch_size,
         seed=self.config.seed, process_index=process_index, process_count=process_count,
-        worker_count=data.worker_count, augment=data.augment)
+        worker_count=data.worker_count, augment=data.augment, restyle_prob=data.restyle_prob)
 
   def train_data_identity(self):
     name = self.config.data.name
