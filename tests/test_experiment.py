@@ -15,6 +15,7 @@ import pytest
 
 from mmjax import evaluate
 from mmjax import experiment
+from mmjax import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,3 +144,17 @@ def test_killed_grid_resumes_and_its_table_is_what_evaluate_reports(tmp_path):
       assert summary[metric][arm]['values'] == pytest.approx(values, abs=1e-7), (arm, metric)
       cells.append(f'{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (2)')
     assert f'| {arm} | ' + ' | '.join(cells) + ' |' in markdown
+
+
+@pytest.mark.parametrize('name', ['clip_small_recipe', 'image_tower', 'siglip_vs_softmax'])
+def test_shipped_experiment_files_give_valid_configs(name, tmp_path):
+  """Every run of a shipped experiment file builds a config that validates, so a typo in an
+  arm fails here, not an hour into a grid."""
+  spec = experiment.load(os.path.join(REPO, 'experiments', f'{name}.py'))
+  runs = experiment.plan(spec, str(tmp_path))
+  assert runs
+  for run in runs:
+    config = experiment.run_config(spec, run)
+    tasks.validate_config(config, 1)
+    for key, value in run.overrides.items():  # the arm's overrides reached the config
+      assert experiment.flatten(config.to_dict())[key] == value, (run.arm, key)
