@@ -146,7 +146,8 @@ def test_killed_grid_resumes_and_its_table_is_what_evaluate_reports(tmp_path):
     assert f'| {arm} | ' + ' | '.join(cells) + ' |' in markdown
 
 
-@pytest.mark.parametrize('name', ['clip_small_recipe', 'image_tower', 'siglip_vs_softmax'])
+@pytest.mark.parametrize('name', ['clip_small_recipe', 'image_tower', 'siglip_vs_softmax',
+                                  'vq_codebook'])
 def test_shipped_experiment_files_give_valid_configs(name, tmp_path):
   """Every run of a shipped experiment file builds a config that validates, so a typo in an
   arm fails here, not an hour into a grid."""
