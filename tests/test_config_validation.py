@@ -64,6 +64,17 @@ def test_nonfinite_policy_keys_are_checked(tmp_path, key, value, message):
     tasks.validate_config(_load('clip.py:tiny', tmp_path, **{key: value}), 8)
 
 
+@pytest.mark.parametrize('key,good,bad,message', [
+    ('model.image.stem', 'conv', 'convolutional', r"config\.model\.image\.stem='convolutional'"),
+    ('model.text.pool', 'mean', 'average', r"config\.model\.text\.pool='average'"),
+    ('data.restyle_prob', 0.3, 1.5, r'config\.data\.restyle_prob=1\.5'),
+])
+def test_clip_tower_and_data_options_are_checked(tmp_path, key, good, bad, message):
+  tasks.validate_config(_load('clip.py:small', tmp_path, **{key: good}), 8)
+  with pytest.raises(ValueError, match=message):
+    tasks.validate_config(_load('clip.py:small', tmp_path, **{key: bad}), 8)
+
+
 @pytest.mark.parametrize('spec', ['clip.py:tiny', 'siglip.py:tiny', 'vq.py:tiny'])
 def test_misspelled_dataset_name_is_named(tmp_path, spec):
   data_dir = tmp_path / 'data'

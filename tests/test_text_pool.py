@@ -1,18 +1,11 @@
 """The text tower's mean pool (`pool='mean'`): the mean of the tokens from the first up to the
-end-of-text token, padding left out; and its config key is checked."""
-
-import os
+end-of-text token, padding left out (its config key: tests/test_config_validation.py)."""
 
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
-from mmjax import config_lib
-from mmjax import tasks
 from mmjax.models.clip import TextTower
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mean_pool_averages_the_tokens_up_to_end_of_text():
@@ -36,11 +29,3 @@ def test_mean_pool_averages_the_tokens_up_to_end_of_text():
   pooled_longer, _ = wide.apply({'params': wide_params}, longer)
   np.testing.assert_allclose(np.asarray(pooled_longer), np.asarray(pooled), rtol=1e-5,
                              atol=1e-6)
-
-
-def test_text_pool_key_is_checked(tmp_path):
-  load = lambda pool: config_lib.load(os.path.join(REPO, 'configs', 'clip.py') + ':small', {
-      'data.data_dir': str(tmp_path), 'model.text.pool': pool})
-  tasks.validate_config(load('mean'), 8)
-  with pytest.raises(ValueError, match=r"config\.model\.text\.pool='average'"):
-    tasks.validate_config(load('average'), 8)

@@ -1,18 +1,12 @@
 """The ViT's convolutional stem (`stem='conv'`): the patchify convolution's tokens, from
-stride-2 3x3 convolutions; and its config key is checked."""
-
-import os
+stride-2 3x3 convolutions (its config key: tests/test_config_validation.py)."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax import config_lib
-from mmjax import tasks
 from mmjax.models.vit import ViT
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('patch_size', [2, 8])
@@ -37,11 +31,3 @@ def test_conv_stem_needs_a_power_of_two_patch():
   vit = ViT(patch_size=6, width=64, depth=1, num_heads=2, stem='conv')
   with pytest.raises(ValueError, match="stem='conv' needs a patch_size that is a power of 2"):
     vit.init(jax.random.key(0), jnp.zeros((1, 36, 36, 3)))
-
-
-def test_stem_key_is_checked(tmp_path):
-  load = lambda stem: config_lib.load(os.path.join(REPO, 'configs', 'clip.py') + ':small', {
-      'data.data_dir': str(tmp_path), 'model.image.stem': stem})
-  tasks.validate_config(load('conv'), 8)
-  with pytest.raises(ValueError, match=r"config\.model\.image\.stem='convolutional'"):
-    tasks.validate_config(load('convolutional'), 8)
