@@ -83,6 +83,14 @@ def attention_rules(hf: str, ours: str, num_heads: int, num_kv_heads: int,
   return rules
 
 
+def qk_norm_rules(hf: str, ours: str) -> list[weight_map.Rule]:
+  """HF Chameleon's `q_norm` / `k_norm` (`ChameleonLayerNorm`, weight and bias
+  `[heads, head_dim]`) <-> `layers.Attention`'s `query_norm` / `key_norm` (same layout)."""
+  return [weight_map.one(f'{hf}.{hf_name}.{hf_param}', f'{ours}/{name}/{param}')
+          for hf_name, name in (('q_norm', 'query_norm'), ('k_norm', 'key_norm'))
+          for hf_param, param in (('weight', 'scale'), ('bias', 'bias'))]
+
+
 def _rms_norm(hf: str, ours: str) -> weight_map.Rule:
   return weight_map.one(f'{hf}.weight', f'{ours}/scale')
 
@@ -102,6 +110,8 @@ def rules(config: dict, *, hf_prefix: str = 'model.', lm_head_key: str = 'lm_hea
         _rms_norm(f'{hf}.input_layernorm', f'{ours}/ln_attn'),
         *attention_rules(f'{hf}.self_attn', f'{ours}/attn', config['num_heads'], num_kv_heads,
                     weight_map.option(config, DecoderLM, 'attention_bias')),
+        *(qk_norm_rules(f'{hf}.self_attn', f'{ours}/attn')
+          if weight_map.option(config, DecoderLM, 'qk_norm') else []),
         _rms_norm(f'{hf}.post_attention_layernorm', f'{ours}/ln_mlp'),
         *weight_map.linear(f'{hf}.mlp.gate_proj', f'{ours}/mlp/gate', bias=False),
         *weight_map.linear(f'{hf}.mlp.up_proj', f'{ours}/mlp/up', bias=False),

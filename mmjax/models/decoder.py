@@ -2,7 +2,8 @@
 
 Pre-norm blocks `x + attn(rms_norm(x))`, `x + swiglu(rms_norm(x))` with rotary positions
 and grouped-query attention, a final RMSNorm and an `lm_head` (or the token embedding,
-tied). Matches Hugging Face `LlamaForCausalLM` (`mmjax.convert.hf_llama`).
+tied). Matches Hugging Face `LlamaForCausalLM` (`mmjax.convert.hf_llama`); with QK-norm and
+the 'swin' norm placement, the text decoder of `ChameleonForConditionalGeneration`.
 
     lm = DecoderLM(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=8,
                    mlp_dim=14336)
@@ -48,8 +49,18 @@ def check_prompt_tokens(tokens, mask, vocab_size: int):
                      f'{tokens[row, position]} is outside the vocabulary [0, {vocab_size})')
 
 
+NORM_PLACEMENTS = ('pre', 'swin')
+
+
 class DecoderBlock(nn.Module):
-  """`x + attn(rms_norm(x))`, then `x + swiglu(rms_norm(x))`; x is `[batch, length, width]`.
+  """One decoder layer; x is `[batch, length, width]`.
+
+  `norm_placement='pre'` (Llama): `h = x + attn(rms_norm(x))`, `out = h + swiglu(rms_norm(h))`;
+  'swin' (Chameleon-34B's reordering, HF `ChameleonSwinDecoderLayer`): the norms move onto
+  the branch outputs, `h = x + rms_norm(attn(x))`, `out = h + rms_norm(swiglu(h))`. The
+  norms are `ln_attn` and `ln_mlp` either way. `qk_norm` is `layers.Attention`'s.
+  `dropout_rate` drops branch outputs before the residual add, only when the caller passes
+  a 'dropout' rng (training; `apply(..., rngs={'dropout': rng})`), else it is the identity.
 
   Returns `(x, new_cache)` (new_cache None without a cache) so that `nn.scan` can stack it.
   """
@@ -60,23 +71,32 @@ class DecoderBlock(nn.Module):
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   attention_bias: bool = False
+  qk_norm: bool = False
+  norm_placement: str = 'pre'
+  dropout_rate: float = 0.0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, kv_mask, cache, cache_index):
+    if self.norm_placement not in NORM_PLACEMENTS:
+      raise ValueError(f'norm_placement={self.norm_placement!r}; use one of {NORM_PLACEMENTS}')
     constrain = lambda y: nn.with_logical_constraint(y, ('act_batch', 'act_length', 'act_embed'))
+    pre = self.norm_placement == 'pre'
+    ln_attn = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_attn')
+    ln_mlp = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_mlp')
+    dropout = nn.Dropout(self.dropout_rate, deterministic=not self.has_rng('dropout'))
     x = constrain(x)
     attention = layers.Attention(
         self.num_heads, causal=True, dtype=self.dtype, num_kv_heads=self.num_kv_heads,
         head_dim=self.head_dim, use_bias=self.attention_bias, rope_theta=self.rope_theta,
-        name='attn')
-    h = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_attn')(x)
-    h = attention(h, positions=positions, kv_mask=kv_mask, cache=cache, cache_index=cache_index)
+        qk_norm=self.qk_norm, name='attn')
+    h = attention(ln_attn(x) if pre else x, positions=positions, kv_mask=kv_mask, cache=cache,
+                  cache_index=cache_index)
     if cache is not None:
       h, cache = h
-    x = constrain(x + h)
-    h = layers.RMSNorm(self.norm_eps, self.dtype, name='ln_mlp')(x)
-    x = constrain(x + layers.GatedMlp(self.mlp_dim, 'silu', self.dtype, name='mlp')(h))
+    x = constrain(x + dropout(h if pre else ln_attn(h)))
+    h = layers.GatedMlp(self.mlp_dim, 'silu', self.dtype, name='mlp')(ln_mlp(x) if pre else x)
+    x = constrain(x + dropout(h if pre else ln_mlp(h)))
     return x, cache
 
 
@@ -96,7 +116,7 @@ class DecoderStack(nn.Module):
     block = layers.remat_block(DecoderBlock, self.remat, self.scan)
     if self.scan:
       stack = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x, cache = stack(name='blocks', **self.block)(x, positions, kv_mask, cache, cache_index)
@@ -119,8 +139,9 @@ class DecoderLM(nn.Module):
 
   `head_dim` defaults to `width // num_heads`; `tie_embeddings` computes the logits with
   the token embedding table instead of an `lm_head`; `attention_bias` gives the query,
-  key, value and output projections biases. `remat` is a `layers.REMAT_POLICIES` name, or
-  True (full) / False.
+  key, value and output projections biases. `qk_norm`, `norm_placement` and `dropout_rate`
+  are `DecoderBlock`'s (Chameleon: `qk_norm=True`, 'pre' or 'swin'). `remat` is a
+  `layers.REMAT_POLICIES` name, or True (full) / False.
   """
   vocab_size: int
   width: int
@@ -136,20 +157,30 @@ class DecoderLM(nn.Module):
   remat: bool | str = False
   dtype: layers.Dtype = jnp.float32
   attention_bias: bool = False
+  qk_norm: bool = False
+  norm_placement: str = 'pre'
+  dropout_rate: float = 0.0
 
   def setup(self):
     self.token_embed = self.param(
         'token_embed',
         nn.with_logical_partitioning(nn.initializers.normal(0.02), ('vocab', 'embed')),
         (self.vocab_size, self.width), jnp.float32)
-    block = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim,
-                 head_dim=self.head_dim, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
-                 attention_bias=self.attention_bias, dtype=self.dtype)
-    self.decoder = DecoderStack(self.depth, block, self.scan, self.remat)
+    self.decoder = DecoderStack(self.depth, self.block_config(), self.scan, self.remat)
     self.ln_final = layers.RMSNorm(self.norm_eps, self.dtype)
     if not self.tie_embeddings:
       self.lm_head = layers.Dense(self.vocab_size, ('embed', 'vocab'), use_bias=False,
                                   kernel_init=nn.initializers.lecun_normal, dtype=self.dtype)
+
+  @nn.nowrap
+  def block_config(self) -> dict:
+    """The `DecoderBlock` kwargs of this LM's layers (a parent running them itself, as
+    Flamingo, builds its blocks from them). Works on an unbound module."""
+    return dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_dim=self.mlp_dim,
+                head_dim=self.head_dim, rope_theta=self.rope_theta, norm_eps=self.norm_eps,
+                attention_bias=self.attention_bias, qk_norm=self.qk_norm,
+                norm_placement=self.norm_placement, dropout_rate=self.dropout_rate,
+                dtype=self.dtype)
 
   def embed(self, tokens):
     """`[batch, length]` int -> `[batch, length, width]` in `dtype`."""

@@ -259,9 +259,10 @@ class FlamingoLM(nn.Module):
       first_slot = 0 if cache is None else cache_index
       positions = jnp.broadcast_to(first_slot + jnp.arange(tokens.shape[1]), tokens.shape)
     lm, every = self.lm, self.cross_attn_every
-    decoder_block = DecoderBlock(
-        lm.num_heads, lm.num_kv_heads, lm.mlp_dim, lm.head_dim, lm.rope_theta, lm.norm_eps,
-        lm.attention_bias, self.dtype, parent=None)
+    if lm.dropout_rate:
+      raise ValueError(f'language_model.dropout_rate={lm.dropout_rate}: Flamingo runs the '
+                       "decoder's layers without a dropout rng (its LM is frozen); use 0")
+    decoder_block = DecoderBlock(**dict(lm.block_config(), dtype=self.dtype), parent=None)
 
     def layer_group(gated_block, x, group):
       """`every` decoder layers with the gated block before the last one; `group` holds

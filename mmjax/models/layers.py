@@ -109,6 +109,28 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
+class HeadLayerNorm(nn.Module):
+  """LayerNorm over `head_dim` with a scale and bias per head (QK-norm; HF `ChameleonLayerNorm`).
+
+  `[batch, length, heads, head_dim]` -> same shape and dtype; the moments are those of each
+  head's own `head_dim` channels, computed in float32, and head h's channels are then
+  scaled and shifted by `scale[h]`, `bias[h]` (`[heads, head_dim]` each).
+  """
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[-2:]
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ('heads', 'kv')), shape, jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ('heads', 'kv')), shape, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(variance + self.eps) * scale + bias).astype(x.dtype)
+
+
 def apply_rotary(x, positions, theta: float):
   """Rotary position embedding, Hugging Face Llama's "rotate half" layout.
 
@@ -147,7 +169,9 @@ class Attention(nn.Module):
   `num_kv_heads` < `num_heads` shares each key/value head among `num_heads / num_kv_heads`
   query heads (GQA; query head h reads key/value head h // group, as HF's `repeat_kv`).
   `rope_theta` rotates queries and keys by `positions [batch, length]` (`apply_rotary`;
-  default `arange(length)`, offset by `cache_index` with a cache).
+  default `arange(length)`, offset by `cache_index` with a cache). `qk_norm` normalises
+  queries and keys per head (`HeadLayerNorm`, params `query_norm`, `key_norm`) after their
+  projections and before the rotation, as Chameleon (its keys enter the cache normalised).
 
   KV cache (causal self-attention only): `cache = {'key', 'value'}`, each
   `[batch, max_len, num_kv_heads, head_dim]`; this call's keys and values are written at
@@ -161,6 +185,7 @@ class Attention(nn.Module):
   head_dim: int | None = None
   use_bias: bool = True
   rope_theta: float | None = None
+  qk_norm: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, context=None, *, positions=None, kv_mask=None, cache=None,
@@ -185,6 +210,9 @@ class Attention(nn.Module):
     q = project_in(self.num_heads, 'query')(x)
     k = project_in(num_kv_heads, 'key')(context)
     v = project_in(num_kv_heads, 'value')(context)
+    if self.qk_norm:
+      q = HeadLayerNorm(name='query_norm')(q)
+      k = HeadLayerNorm(name='key_norm')(k)
     heads_axes = ('act_batch', 'act_length', 'act_heads', None)
     q = nn.with_logical_constraint(q, heads_axes)
     k = nn.with_logical_constraint(k, heads_axes)
