@@ -180,11 +180,14 @@ def _check_prompt(model, prompt_tokens, prompt_mask, context):
 
 
 def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, sampling,
-            stop_tokens, pad_id):
+            stop_tokens, pad_id, modalities, modal_state):
   """Samples up to `max_new_tokens`, feeding each token to `next_logits` to get the next.
 
   `next_logits(model_state, tokens [batch], step) -> (logits [batch, vocab], model_state)`
-  gives the logits after the token emitted at `step - 1`.
+  gives the logits after the token emitted at `step - 1`. `modalities` (a
+  `mixed_modal.ModalityRules` or None) restricts and draws each token from `modal_state`
+  on (its state after the prompt); guided, the batch's second half (the unconditional rows)
+  is fed the first half's tokens and not returned.
   """
   batch = first_logits.shape[0]
 
@@ -193,12 +196,17 @@ def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, samp
                             jnp.zeros_like(tokens, bool))
 
   def emit(state, logits):
-    step, _, tokens, lengths, done, model_state = state
-    new = sample(logits, jax.random.fold_in(rng, step), sampling)
+    step, _, tokens, lengths, done, modal_state, model_state = state
+    step_rng = jax.random.fold_in(rng, step)
+    if modalities is None:
+      new = sample(logits, step_rng, sampling)
+    else:
+      new, modal_state = modalities.next_tokens(logits, modal_state, max_new_tokens - step,
+                                                step_rng, sampling, sample)
     tokens = jax.lax.dynamic_update_slice_in_dim(
         tokens, jnp.where(done, pad_id, new)[:, None], step, axis=1)
     lengths = lengths + (~done).astype(jnp.int32)
-    return step + 1, new, tokens, lengths, done | is_stop(new), model_state
+    return step + 1, new, tokens, lengths, done | is_stop(new), modal_state, model_state
 
   def body(state):
     step, last, *_, model_state = state
@@ -206,14 +214,16 @@ def _decode(first_logits, next_logits, model_state, *, rng, max_new_tokens, samp
     return emit(state[:-1] + (model_state,), logits)
 
   def not_finished(state):
-    step, *_, done, _ = state
+    step, *_, done, _, _ = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   state = (jnp.int32(0), jnp.zeros(batch, jnp.int32),
            jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros(batch, jnp.int32),
-           jnp.zeros(batch, bool), model_state)
+           jnp.zeros(batch, bool), modal_state, model_state)
   state = emit(state, first_logits)
-  _, _, tokens, lengths, _, _ = jax.lax.while_loop(not_finished, body, state)
+  _, _, tokens, lengths, _, _, _ = jax.lax.while_loop(not_finished, body, state)
+  if modalities is not None and modalities.guided:
+    tokens, lengths = tokens[:batch // 2], lengths[:batch // 2]
   return dict(tokens=tokens, lengths=lengths)
 
 
@@ -221,6 +231,11 @@ def _apply(model, params, tokens, embeddings, context, **kwargs):
   """`model.decode`: (logits `[batch, length, vocab]`, new cache or None)."""
   return model.apply(params, tokens, embeddings=embeddings, context=context, method='decode',
                      **kwargs)
+
+
+def _modal_state(modalities, prompt_tokens, prompt_mask):
+  """`modalities`' state after the prompt (None without modalities)."""
+  return None if modalities is None else modalities.read_prompt(prompt_tokens, prompt_mask)
 
 
 def _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask):
@@ -243,9 +258,10 @@ def _slots(prompt_mask, max_new_tokens):
 
 
 @functools.partial(
-    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
+    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id',
+                              'modalities'))
 def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, context, rng, *,
-                         model, max_new_tokens, sampling, stop_tokens, pad_id):
+                         model, max_new_tokens, sampling, stop_tokens, pad_id, modalities):
   batch, prompt_length = prompt_mask.shape
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
@@ -262,13 +278,17 @@ def _generate_with_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, 
     return logits[:, 0], cache
 
   return _decode(logits[:, -1], next_logits, cache, rng=rng, max_new_tokens=max_new_tokens,
-                 sampling=sampling, stop_tokens=stop_tokens, pad_id=pad_id)
+                 sampling=sampling, stop_tokens=stop_tokens, pad_id=pad_id,
+                 modalities=modalities,
+                 modal_state=_modal_state(modalities, prompt_tokens, prompt_mask))
 
 
 @functools.partial(
-    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id'))
+    jax.jit, static_argnames=('model', 'max_new_tokens', 'sampling', 'stop_tokens', 'pad_id',
+                              'modalities'))
 def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mask, context, rng,
-                            *, model, max_new_tokens, sampling, stop_tokens, pad_id):
+                            *, model, max_new_tokens, sampling, stop_tokens, pad_id,
+                            modalities):
   prompt_length = prompt_mask.shape[1]
   prompt_tokens, prompt_embeddings = _zero_padding(prompt_tokens, prompt_embeddings, prompt_mask)
   kv_mask, positions = _slots(prompt_mask, max_new_tokens)
@@ -292,22 +312,32 @@ def _generate_without_cache(params, prompt_tokens, prompt_embeddings, prompt_mas
 
   return _decode(logits_at(sequence, prompt_length - 1), next_logits, sequence, rng=rng,
                  max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
-                 pad_id=pad_id)
+                 pad_id=pad_id, modalities=modalities,
+                 modal_state=_modal_state(modalities, prompt_tokens, prompt_mask))
 
 
 def _call(impl, model, params, prompt_tokens, prompt_embeddings, prompt_mask, context,
-          max_new_tokens, rng, sampling, stop_tokens, pad_id):
+          max_new_tokens, rng, sampling, stop_tokens, pad_id, modalities):
+  if modalities is not None:
+    image_sampling = modalities.image_sampling or sampling
+    if rng is None and not image_sampling.greedy:
+      raise ValueError(f'image_sampling {image_sampling} draws at random: pass rng')
+    if modalities.guided and prompt_mask.shape[0] % 2:
+      raise ValueError(f'guidance_scale={modalities.guidance_scale} needs the conditional '
+                       f'rows then as many unconditional ones; the batch has '
+                       f'{prompt_mask.shape[0]} rows')
   rng = _check_inputs(prompt_tokens, prompt_embeddings, prompt_mask, max_new_tokens, rng,
                       sampling)
   _check_prompt(model, prompt_tokens, prompt_mask, context)
   return impl(sharding.strip_boxes(params), prompt_tokens, prompt_embeddings, prompt_mask,
               context, rng, model=model, max_new_tokens=int(max_new_tokens), sampling=sampling,
-              stop_tokens=tuple(int(token) for token in stop_tokens), pad_id=int(pad_id))
+              stop_tokens=tuple(int(token) for token in stop_tokens), pad_id=int(pad_id),
+              modalities=modalities)
 
 
 def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=None, prompt_mask,
              context=None, max_new_tokens: int, rng=None, sampling: Sampling = Sampling(),
-             stop_tokens=(), pad_id: int = 0) -> dict[str, jax.Array]:
+             stop_tokens=(), pad_id: int = 0, modalities=None) -> dict[str, jax.Array]:
   """Continues left-padded prompts by up to `max_new_tokens` tokens, with a KV cache.
 
   Args:
@@ -326,10 +356,14 @@ def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=No
     sampling: `Sampling` settings.
     stop_tokens: token ids that end a row; the stop token is part of the row's output.
     pad_id: written to the slots after a row has stopped.
+    modalities: a `mixed_modal.ModalityRules` for a decoder writing text and image tokens
+      (which token may come next, `sampling` for text and its `image_sampling` for codes,
+      classifier-free guidance); None: any token, drawn with `sampling`.
 
   Returns:
     `tokens [batch, max_new_tokens]` int32 and `lengths [batch]` int32, the number of
     tokens each row emitted (stop token included); `tokens[i, lengths[i]:] == pad_id`.
+    Guided (`modalities.guidance_scale != 1`), the conditional rows only: `batch / 2`.
 
   Raises:
     ValueError: bad arguments, or (prompts on this host, not traced) a prompt row that is
@@ -338,14 +372,16 @@ def generate(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=No
       the message names the row.
   """
   return _call(_generate_with_cache, model, params, prompt_tokens, prompt_embeddings,
-               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id)
+               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id,
+               modalities)
 
 
 def generate_without_cache(model: Decoder, params, *, prompt_tokens=None, prompt_embeddings=None,
                            prompt_mask, context=None, max_new_tokens: int, rng=None,
                            sampling: Sampling = Sampling(), stop_tokens=(),
-                           pad_id: int = 0) -> dict[str, jax.Array]:
+                           pad_id: int = 0, modalities=None) -> dict[str, jax.Array]:
   """`generate` without a cache: every step runs the model over the whole sequence (new
   tokens extend `prompt_embeddings` through `model.embed`)."""
   return _call(_generate_without_cache, model, params, prompt_tokens, prompt_embeddings,
-               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id)
+               prompt_mask, context, max_new_tokens, rng, sampling, stop_tokens, pad_id,
+               modalities)
