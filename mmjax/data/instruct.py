@@ -16,6 +16,8 @@ feature). A training row of length L, right padded:
   [BOS] [IMAGE]*N 'question: <q> answer: ' <answer> [EOS] [PAD]...
 with N = num_image_tokens (0: the text-only baseline). An eval prompt of length P, left padded:
   [PAD]... [BOS] [IMAGE]*N 'question: <q> answer: '
+The image's ids are the tokenizer's `image_ids(N)`: with `EarlyFusionTokenizer` (Chameleon)
+`[begin-image] [IMAGE]*N [end-image]`.
 
 The train iterator mixes the kinds by weight (grain's deterministic interleave), each kind an
 endlessly reshuffled stream of its examples; everything random is a function of (seed, kind,
@@ -104,8 +106,9 @@ def prompt_text(question: str) -> str:
 
 
 def prompt_ids(tokenizer, question: str, num_image_tokens: int) -> np.ndarray:
-  """int32 [1 + N + len(prompt_text)]: [BOS] [IMAGE]*N 'question: <q> answer: '."""
-  return np.concatenate([[BOS_ID], np.full(num_image_tokens, tokenizer.image_id),
+  """int32: [BOS] <image> 'question: <q> answer: ', the image as `tokenizer.image_ids(N)`
+  (`[IMAGE]*N` for LLaVA, with begin/end-image markers for Chameleon)."""
+  return np.concatenate([[BOS_ID], tokenizer.image_ids(num_image_tokens),
                          tokenizer.encode_text(prompt_text(question))]).astype(np.int32)
 
 
@@ -118,7 +121,7 @@ def training_rows(tokenizer, question: str, answers, *, num_image_tokens: int,
   after it) and question_cut, answer_cut bool [n]. A row that does not fit first loses the
   end of its question; if it still does not fit, the end of its answer and the EOS.
   """
-  prefix = np.concatenate([[BOS_ID], np.full(num_image_tokens, tokenizer.image_id)])
+  prefix = np.concatenate([[BOS_ID], tokenizer.image_ids(num_image_tokens)])
   head, tail = tokenizer.encode_text(_QUESTION_PREFIX), tokenizer.encode_text(_ANSWER_PREFIX)
   question_ids = tokenizer.encode_text(question)
   room = max_len - len(prefix) - len(head) - len(tail)  # For the question and the answer.
@@ -191,6 +194,30 @@ def _train_example(position, rng, *, source, dataset, indices, rows, kind_id, im
   }
 
 
+def question_stream(data_dir: str, name: str, *, tokenizer, num_image_tokens: int,
+                    max_len: int, image_size: int, seed: int, augment: bool = True):
+  """The endless `grain.MapDataset` of question kind `name`'s training examples (reshuffled
+  every epoch; its randomness a function of (seed, kind, position)). Elements as
+  `train_iterator`'s, one example each."""
+  kind, kind_id = QUESTION_KINDS[name], list(QUESTION_KINDS).index(name)
+  split = TRAIN_SPLITS[kind.dataset]
+  source = split_source(kind.dataset, split, data_dir)
+  indices, answers = _answers(kind, split_texts(kind.dataset, split, data_dir))
+  rows = training_rows(tokenizer, kind.question, answers, num_image_tokens=num_image_tokens,
+                       max_len=max_len)
+  cut_questions, cut_answers = rows.pop('question_cut').sum(), rows.pop('answer_cut').sum()
+  if cut_questions:
+    logging.warning('instruct: %s: %d of %d rows longer than max_len=%d; their question was '
+                    'cut, and in %d of them the answer too', name, cut_questions, len(answers),
+                    max_len, cut_answers)
+  shuffle_seed, map_seed = np.random.SeedSequence([seed, kind_id]).generate_state(2)
+  example = functools.partial(
+      _train_example, source=source, dataset=kind.dataset, indices=indices, rows=rows,
+      kind_id=kind_id, image_size=image_size, augment=augment)
+  return (grain.MapDataset.range(len(indices)).shuffle(seed=int(shuffle_seed))
+          .repeat().random_map(example, seed=int(map_seed)))
+
+
 def train_iterator(data_dir: str, *, tokenizer, weights, num_image_tokens: int, max_len: int,
                    image_size: int, global_batch_size: int, seed: int, process_index: int = 0,
                    process_count: int = 1, worker_count: int = 0, augment: bool = True):
@@ -203,25 +230,10 @@ def train_iterator(data_dir: str, *, tokenizer, weights, num_image_tokens: int, 
   the dataset's train split) and kind int32 [b] (index in `QUESTION_KINDS`).
   """
   kinds = select_kinds(weights)
-  streams = []
-  for name in kinds:
-    kind, kind_id = QUESTION_KINDS[name], list(QUESTION_KINDS).index(name)
-    split = TRAIN_SPLITS[kind.dataset]
-    source = split_source(kind.dataset, split, data_dir)
-    indices, answers = _answers(kind, split_texts(kind.dataset, split, data_dir))
-    rows = training_rows(tokenizer, kind.question, answers, num_image_tokens=num_image_tokens,
-                         max_len=max_len)
-    cut_questions, cut_answers = rows.pop('question_cut').sum(), rows.pop('answer_cut').sum()
-    if cut_questions:
-      logging.warning('instruct: %s: %d of %d rows longer than max_len=%d; their question was '
-                      'cut, and in %d of them the answer too', name, cut_questions, len(answers),
-                      max_len, cut_answers)
-    shuffle_seed, map_seed = np.random.SeedSequence([seed, kind_id]).generate_state(2)
-    example = functools.partial(
-        _train_example, source=source, dataset=kind.dataset, indices=indices, rows=rows,
-        kind_id=kind_id, image_size=image_size, augment=augment)
-    streams.append(grain.MapDataset.range(len(indices)).shuffle(seed=int(shuffle_seed))
-                   .repeat().random_map(example, seed=int(map_seed)))
+  streams = [question_stream(data_dir, name, tokenizer=tokenizer,
+                             num_image_tokens=num_image_tokens, max_len=max_len,
+                             image_size=image_size, seed=seed, augment=augment)
+             for name in kinds]
   ds = grain.MapDataset.mix(streams, list(kinds.values()))
   return pipeline.host_batches(ds, global_batch_size=global_batch_size,
                                process_index=process_index, process_count=process_count,

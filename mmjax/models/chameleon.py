@@ -37,6 +37,17 @@ from mmjax.models.decoder import DecoderLM, check_prompt_tokens
 from mmjax.models.vq import VQModel
 
 
+def fill_placeholders(tokens, image_tokens, placeholder_id: int):
+  """`tokens [batch, length]` with the k-th `placeholder_id` of row i replaced by
+  `image_tokens[i, k]` (`[batch, n]` token ids; HF's processor puts n placeholders per image).
+
+  Under jit the count is not checked: placeholders past the n-th take the last image token.
+  """
+  is_placeholder = tokens == placeholder_id
+  index = jnp.clip(jnp.cumsum(is_placeholder, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+  return jnp.where(is_placeholder, jnp.take_along_axis(image_tokens, index, axis=1), tokens)
+
+
 class Chameleon(nn.Module):
   """Token ids `[batch, length]` (and optionally images) -> next-token logits.
 
@@ -93,19 +104,19 @@ class Chameleon(nn.Module):
     return self.tokenizer.detokenize(codes, grid)
 
   def image_token_ids(self, tokens, images):
-    """`tokens [batch, length]` with HF's `<image>` placeholders -> the same ids with the
-    placeholders of row i replaced, in order, by the codes of `images [batch, H, W, 3]`.
-
-    Contract (HF's processor): row i holds exactly `h*w` placeholders; under jit this is
-    not checked (placeholders past the last code take the last code).
-    """
+    """`tokens [batch, length]` with `<image>` placeholders -> the same ids with the
+    placeholders of row i replaced, in order, by the codes of `images [batch, H, W, 3]`
+    (`fill_placeholders`)."""
     if self.image_placeholder_id is None:
       raise ValueError('image_placeholder_id is None: this vocabulary has no <image> '
                        'placeholder; pass the image codes as tokens')
-    codes = self.image_tokens(images)
-    is_placeholder = tokens == self.image_placeholder_id
-    index = jnp.clip(jnp.cumsum(is_placeholder, axis=1) - 1, 0, codes.shape[1] - 1)
-    return jnp.where(is_placeholder, jnp.take_along_axis(codes, index, axis=1), tokens)
+    return fill_placeholders(tokens, self.image_tokens(images), self.image_placeholder_id)
+
+  def initialize(self, tokens, images):
+    """Runs every submodule once, for `init(..., method='initialize')`: the whole param tree,
+    the VQ decoder included (what a trained tokenizer's checkpoint holds)."""
+    logits, _ = self(tokens, images)
+    return logits, self.decode_images(self.image_tokens(images))
 
   def embed(self, tokens):
     """`[batch, length]` int -> the LM's embeddings `[batch, length, width]`."""

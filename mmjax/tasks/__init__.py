@@ -2,12 +2,14 @@
 
 from mmjax import config_lib
 from mmjax.tasks.base import Task
+from mmjax.tasks.chameleon import ChameleonTask
 from mmjax.tasks.clip import ClipTask
 from mmjax.tasks.flamingo import FlamingoTask
 from mmjax.tasks.llava import LlavaTask
 from mmjax.tasks.vq import VQTask
 
-TASKS = {'clip': ClipTask, 'flamingo': FlamingoTask, 'llava': LlavaTask, 'vq': VQTask}
+TASKS = {'chameleon': ChameleonTask, 'clip': ClipTask, 'flamingo': FlamingoTask,
+         'llava': LlavaTask, 'vq': VQTask}
 
 
 def task_class(config) -> type[Task]:

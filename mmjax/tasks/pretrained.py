@@ -24,6 +24,18 @@ def newest_params(workdir: str) -> dict:
     reader.close()
 
 
+def newest_config(workdir: str) -> dict:
+  """The config saved with the newest checkpoint in `workdir`, as a plain dict."""
+  reader = checkpoint.CheckpointReader(f'{workdir}/checkpoints')
+  try:
+    config = reader.config(reader.resolve_step(None))
+  finally:
+    reader.close()
+  if config is None:
+    raise ValueError(f'{workdir}: its newest checkpoint was saved without a config')
+  return config
+
+
 def _part(workdir: str, key: str, part: str, what: str) -> dict:
   params = newest_params(workdir)
   if part not in params:
@@ -50,7 +62,7 @@ def init_parts(init, vision=None) -> dict:
       raise ValueError(f'config.init.params_parts: {init.params_from!r} holds no {missing} '
                        f'(top-level params: {sorted(params)})')
     loaded.update({name: tree for name, tree in params.items() if not parts or name in parts})
-  if init.vision_from:
+  if init.get('vision_from'):
     if vision is None:
       raise ValueError(f'config.init.vision_from={init.vision_from!r}: this model has no '
                        'vision tower')

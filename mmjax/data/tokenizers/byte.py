@@ -7,6 +7,10 @@ pooling at `argmax(token_ids)` finds it.
 `ByteLMTokenizer` (decoder LMs that read images: LLaVA, Flamingo): the same ids plus
 259 = `<image>`, the placeholder a model replaces by image features or reads images at; its
 end-of-text is the LM's EOS (the end of chunk of interleaved rows).
+
+`EarlyFusionTokenizer` (Chameleon): `ByteLMTokenizer`'s ids plus 260 = begin-image,
+261 = end-image, and the VQ codes from 262 on (code k = 262 + k); an image in a row is
+`[begin] <image>*N [end]`, the placeholders becoming the image's codes in the train step.
 """
 
 import numpy as np
@@ -54,9 +58,34 @@ class ByteLMTokenizer(ByteTokenizer):
     """int32 [n]: the ids of the lower-cased UTF-8 bytes of `text`, no special ids."""
     return np.frombuffer(text.lower().encode('utf-8'), np.uint8).astype(np.int32) + BYTE_OFFSET
 
+  def image_ids(self, num_image_tokens: int) -> np.ndarray:
+    """int32 [N]: how an image of N tokens appears in a row: N `<image>` placeholders
+    (none for N = 0, a row without an image)."""
+    return np.full(num_image_tokens, self.image_id, np.int32)
+
   def decode(self, ids) -> str:
     """The text of `ids` up to the first EOS; pad, BOS and image ids are dropped."""
     ids = [int(i) for i in ids]
     if EOT_ID in ids:
       ids = ids[:ids.index(EOT_ID)]
     return super().decode(ids)
+
+
+class EarlyFusionTokenizer(ByteLMTokenizer):
+  """`ByteLMTokenizer` with begin/end-image markers and `num_codes` VQ code ids after them;
+  `decode` drops markers and codes (the text of a row)."""
+
+  begin_image_id = IMAGE_ID + 1
+  end_image_id = IMAGE_ID + 2
+  image_token_offset = IMAGE_ID + 3
+
+  def __init__(self, num_codes: int):
+    self.num_codes = num_codes
+    self.vocab_size = self.image_token_offset + num_codes
+
+  def image_ids(self, num_image_tokens: int) -> np.ndarray:
+    """int32 [N + 2]: `[begin] <image>*N [end]` (none for N = 0)."""
+    if not num_image_tokens:
+      return np.zeros(0, np.int32)
+    return np.concatenate([[self.begin_image_id], super().image_ids(num_image_tokens),
+                           [self.end_image_id]]).astype(np.int32)
