@@ -65,7 +65,15 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
       text_weight=1.0,  # weight of the text targets
       image_weight=1.0,  # weight of the code targets
   )
-  config.generation = dict(max_new_tokens=48)  # greedy answers in evaluation
+  config.generation = dict(
+      max_new_tokens=48,  # greedy answers in evaluation
+      image_temperature=1.0,  # image codes are sampled (text -> image evaluation)
+      image_top_k=0,  # 0 = all codes
+      guidance_scale=3.0,  # classifier-free guidance of the codes (1 = none)
+  )
+  # The dual encoder that names generated images (text_to_image evaluation): a
+  # configs/clip.py run of ours at this image size; '' = no text_to_image evaluation.
+  config.judge = dict(clip_workdir='')
 
   config.update(common.training(
       batch_size=16, total_steps=100, lr=1e-3, wd=0.1, warmup_steps=10, end_lr_fraction=0.1,
@@ -85,6 +93,8 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
     config.log_every = 50
     config.eval_every = 1500
     config.checkpoint_every = 500
-    config.evals = dict(qa=dict(type='qa', batch_size=256))
+    config.evals = dict(qa=dict(type='qa', batch_size=256),
+                        text_to_image=dict(type='text_to_image', batch_size=64,
+                                           num_prompts=128))
   config.lock()
   return config

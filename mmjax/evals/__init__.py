@@ -16,6 +16,7 @@ from mmjax.evals import captioning
 from mmjax.evals import dual_encoder
 from mmjax.evals import fewshot
 from mmjax.evals import reconstruction
+from mmjax.evals import text_to_image
 
 BUILDERS = {
     'zeroshot': dual_encoder.zeroshot_from_config,
@@ -24,6 +25,7 @@ BUILDERS = {
     'qa': captioning.qa_from_config,
     'captioning': captioning.captioning_from_config,
     'fewshot': fewshot.fewshot_from_config,
+    'text_to_image': text_to_image.text_to_image_from_config,
 }
 
 

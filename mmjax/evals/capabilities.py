@@ -46,8 +46,8 @@ class Scorer:
   """How likely a model finds the weighted part of each row (ranking candidates).
 
   score: `(params, batch) -> float32 [b]`, the mean log-probability of each row's weighted
-    targets; batch = {'image' [b, K, S, S, 3], 'tokens', 'targets' int32 [b, L],
-    'loss_weights' float32 [b, L]}.
+    targets; batch = {'image' (the row's images: [b, K, S, S, 3] for Flamingo, [b, S, S, 3]
+    for Chameleon), 'tokens', 'targets' int32 [b, L], 'loss_weights' float32 [b, L]}.
   """
   score: Callable[[Any, dict], Any]
 
@@ -74,6 +74,26 @@ class ImageEmbedder:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImageGenerator:
+  """Images from text -> image prompts (an early-fusion decoder and its VQ decoder).
+
+  generate: `(params, batch) -> float32 images [b, S, S, 3]` about [-1, 1]; batch =
+    {'prompt_tokens' int32 [b, P], 'prompt_mask' bool [b, P] (left padded; each prompt ends
+    with the begin-image marker), 'seed' int32 [b] (the batch draws with its first seed)}.
+    Sampling and guidance are the task's settings.
+  """
+  generate: Callable[[Any, dict], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+  """Another run's dual encoder that scores what this model generates (e.g. a CLIP run of
+  ours naming generated images): its `DualEncoder` and the `params` it reads."""
+  dual_encoder: DualEncoder
+  params: Any
+
+
+@dataclasses.dataclass(frozen=True)
 class Capabilities:
   """The capabilities one task offers; None where it offers none of that kind."""
   dual_encoder: DualEncoder | None = None
@@ -81,6 +101,8 @@ class Capabilities:
   scorer: Scorer | None = None
   generator: Generator | None = None
   image_embedder: ImageEmbedder | None = None
+  image_generator: ImageGenerator | None = None
+  judge: Judge | None = None
 
   def offered(self) -> list[str]:
     return [field.name for field in dataclasses.fields(self)

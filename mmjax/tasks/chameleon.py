@@ -19,14 +19,16 @@ import ml_collections
 from mmjax import config_lib
 from mmjax import generate
 from mmjax import losses
+from mmjax import mixed_modal
 from mmjax.data import early_fusion
 from mmjax.data import instruct
 from mmjax.data import pipeline
-from mmjax.data.tokenizers.byte import EarlyFusionTokenizer
+from mmjax.data.tokenizers.byte import BOS_ID, EarlyFusionTokenizer
 from mmjax.evals import capabilities
 from mmjax.models.chameleon import Chameleon, fill_placeholders
 from mmjax.models.decoder import NORM_PLACEMENTS
 from mmjax.tasks import language_model_checks
+from mmjax.tasks import clip as clip_task
 from mmjax.tasks import pretrained
 from mmjax.tasks import vq as vq_task
 from mmjax.tasks.base import Task
@@ -159,8 +161,62 @@ class ChameleonTask(Task):
         max_new_tokens=self.config.generation.max_new_tokens,
         stop_tokens=(self.tokenizer.eos_id,), pad_id=self.tokenizer.pad_id)['tokens']
 
+  def modality_rules(self) -> mixed_modal.ModalityRules:
+    """Generation's rules: whole images of `num_image_tokens` codes, drawn with
+    `config.generation`'s image sampling and guidance; no `<image>` or padding."""
+    generation, tokenizer = self.config.generation, self.tokenizer
+    return mixed_modal.ModalityRules(
+        image_token_offset=tokenizer.image_token_offset, num_codes=tokenizer.num_codes,
+        begin_image_id=tokenizer.begin_image_id, end_image_id=tokenizer.end_image_id,
+        image_length=self.config.data.num_image_tokens,
+        banned_ids=(tokenizer.pad_id, tokenizer.image_id),
+        image_sampling=generate.Sampling(temperature=generation.image_temperature,
+                                         top_k=generation.image_top_k),
+        guidance_scale=generation.guidance_scale)
+
+  def generate_images(self, params, batch):
+    """`capabilities.ImageGenerator.generate`: float32 images [b, S, S, 3] continuing the
+    text -> image prompts of `batch` (ending in begin-image); guided, each row is paired
+    with the unconditional prompt `[BOS] [begin]`."""
+    rules, variables = self.modality_rules(), {'params': params}
+    tokens, mask = batch['prompt_tokens'], batch['prompt_mask']
+    if rules.guided:
+      unconditional = jnp.array([BOS_ID, self.tokenizer.begin_image_id], jnp.int32)
+      tokens = jnp.concatenate([tokens, jnp.zeros_like(tokens).at[:, -2:].set(unconditional)])
+      mask = jnp.concatenate([mask, jnp.zeros_like(mask).at[:, -2:].set(True)])
+    length = rules.image_length
+    generated = generate.generate(
+        self.model, variables, prompt_tokens=tokens, prompt_mask=mask,
+        max_new_tokens=length + 1, modalities=rules, rng=jax.random.key(batch['seed'][0]),
+        pad_id=self.tokenizer.pad_id)['tokens']
+    return self.model.apply(variables, generated[:, :length], method='decode_images')
+
+  def score(self, params, batch):
+    """`capabilities.Scorer.score`: float32 [b], the mean log-probability of each row's
+    weighted targets (placeholders filled with the codes of `batch['image']`)."""
+    tokens, targets = self.sequences(params, batch)
+    logits, _ = self.model.apply({'params': params}, tokens)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = batch['loss_weights']
+    return jnp.sum(weights * target_log_probs, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
+
+  def judge(self):
+    """`capabilities.Judge` of the CLIP run `config.judge.clip_workdir` (None if '')."""
+    workdir = self.config.judge.clip_workdir
+    if not workdir:
+      return None
+    clip_config = ml_collections.ConfigDict(pretrained.newest_config(workdir))
+    if clip_config.data.image_size != self.config.data.image_size:
+      raise ValueError(f'config.judge.clip_workdir={workdir!r} reads {clip_config.data.image_size}'
+                       f' px images; this model draws {self.config.data.image_size} px')
+    dual_encoder = clip_task.ClipTask(clip_config).capabilities().dual_encoder
+    return capabilities.Judge(dual_encoder, pretrained.newest_params(workdir))
+
   def capabilities(self):
-    return capabilities.Capabilities(generator=capabilities.Generator(self.answer))
+    return capabilities.Capabilities(
+        generator=capabilities.Generator(self.answer), scorer=capabilities.Scorer(self.score),
+        image_generator=capabilities.ImageGenerator(self.generate_images), judge=self.judge())
 
   def eval_data(self):
     data = self.config.data
