@@ -19,8 +19,23 @@ from ml_collections import config_dict
 
 from configs import common
 from configs import vq as vq_configs
-from mmjax.data.tokenizers.byte import EarlyFusionTokenizer
-from mmjax.tasks import vq as vq_task
+
+# EarlyFusionTokenizer: 260 byte-level ids, begin- and end-image, then the codes (checked).
+IDS_BEFORE_CODES = 262
+
+
+def vq_model(vq_config) -> dict:
+  """The VQModel kwargs of a configs/vq.py config (as `mmjax.tasks.vq.model_kwargs`; the task
+  checks them against the run `config.init.vq_from` names)."""
+  model, quantizer = vq_config.model, vq_config.quantizer
+  return dict(
+      base_channels=model.base_channels, channel_multiplier=tuple(model.channel_multiplier),
+      num_res_blocks=model.num_res_blocks, attn_resolutions=tuple(model.attn_resolutions),
+      mid_attention=model.mid_attention, resolution=vq_config.data.image_size,
+      latent_channels=model.latent_channels, num_codes=model.num_codes,
+      code_dim=model.code_dim, norm_groups=model.norm_groups,
+      l2_normalize=quantizer.l2_normalize, restart_dead_codes=quantizer.restart_threshold > 0,
+      ema=quantizer.ema, remat=model.remat)
 
 
 def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
@@ -29,7 +44,7 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
   vq_config = vq_configs.get_config(variant)
   image_size = 8 if variant == 'tiny' else 32
   vq_config.data.image_size = image_size  # the tiny tokenizer's shape, on 8 px emoji
-  vq = vq_task.model_kwargs(vq_config)
+  vq = vq_model(vq_config)
   side = image_size // 2 ** (len(vq['channel_multiplier']) - 1)
 
   config = config_dict.ConfigDict()
@@ -51,7 +66,7 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
   config.model = dict(
       vq=vq,  # VQModel kwargs: must be those of the run config.init.vq_from names (checked)
       language_model=dict(
-          vocab_size=EarlyFusionTokenizer(vq['num_codes']).vocab_size, width=32, depth=2,
+          vocab_size=IDS_BEFORE_CODES + vq['num_codes'], width=32, depth=2,
           num_heads=2, num_kv_heads=1, mlp_dim=64, rope_theta=10_000.0, norm_eps=1e-5,
           qk_norm=True, norm_placement='pre', dropout_rate=0.0, tie_embeddings=False,
           scan=True, remat='none'),

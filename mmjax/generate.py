@@ -28,8 +28,9 @@ The model is any `Decoder` (a flax module; this module imports no model):
     a ValueError naming the row of a prompt the model cannot read (a token id outside its
     vocabulary, a Flamingo's `<image>` token without an image in `context`); numpy `tokens
     [batch, prompt]` int and `mask [batch, prompt]` bool (padding is not to be read).
-`mmjax.models.decoder.DecoderLM`, `mmjax.models.llava.LLaVA` and `mmjax.models.flamingo`'s
-`Flamingo` and `FlamingoLM` implement it.
+`mmjax.models.decoder.DecoderLM`, `mmjax.models.llava.LLaVA`, `mmjax.models.flamingo`'s
+`Flamingo` and `FlamingoLM`, and `mmjax.models.chameleon.Chameleon` implement it; a decoder
+writing text and images takes `modalities` (`mmjax.mixed_modal.ModalityRules`).
 
 Prompts are checked on the host before anything is jitted: every row has a real token and is
 left padded (no padding after a real token), then `check_prompt` on token prompts. Prompts
