@@ -4,6 +4,9 @@ r"""Chameleon: early fusion, one decoder over text and VQ image tokens (`mmjax/t
   tiny   8 px emoji -> 4x4 codes of `configs/vq.py:tiny`'s tokenizer shape (tests: seconds;
          the tokenizer may stay random: frozen, it still tells images apart)
   small  32 px emoji -> 8x8 = 64 codes of `configs/vq.py:small`'s tokenizer, trained first
+  ,stability  (after either) only the `stability` evaluation (held-out losses, logsumexp,
+         max attention logit; `mmjax/evals/stability.py`), non-finite steps skipped and
+         counted: the runs of `experiments/chameleon_stability.py`
 
 The rows mix text -> image (`'<name>.' [begin] codes [end]`, 10% without the caption for
 classifier-free guidance) with LLaVA's image question rows (`[begin] codes [end]` +
@@ -38,9 +41,11 @@ def vq_model(vq_config) -> dict:
       ema=quantizer.ema, remat=model.remat)
 
 
-def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
-  if variant not in ('tiny', 'small'):
-    raise ValueError(f'configs/chameleon.py: unknown variant {variant!r}; use tiny or small')
+def get_config(arg: str = 'tiny') -> config_dict.ConfigDict:
+  variant, _, purpose = arg.partition(',')
+  if variant not in ('tiny', 'small') or purpose not in ('', 'stability'):
+    raise ValueError(f'configs/chameleon.py: unknown variant {arg!r}; use tiny or small, '
+                     'optionally followed by ,stability')
   vq_config = vq_configs.get_config(variant)
   image_size = 8 if variant == 'tiny' else 32
   vq_config.data.image_size = image_size  # the tiny tokenizer's shape, on 8 px emoji
@@ -48,7 +53,7 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
   side = image_size // 2 ** (len(vq['channel_multiplier']) - 1)
 
   config = config_dict.ConfigDict()
-  config.variant = variant
+  config.variant = arg
   config.task = 'chameleon'
   config.data = dict(
       data_dir='',  # '' = $MMJAX_DATA_DIR, else ~/.cache/mmjax/datasets
@@ -111,5 +116,8 @@ def get_config(variant: str = 'tiny') -> config_dict.ConfigDict:
     config.evals = dict(qa=dict(type='qa', batch_size=256),
                         text_to_image=dict(type='text_to_image', batch_size=64,
                                            num_prompts=128))
+  if purpose == 'stability':  # experiments/chameleon_stability.py
+    config.evals = dict(stability=dict(type='stability', batch_size=64))
+    config.nonfinite = 'skip'  # a diverging arm goes on, counting its skipped steps
   config.lock()
   return config

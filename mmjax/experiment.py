@@ -12,7 +12,10 @@ An experiment file is an ml-collections config file whose `get_config()` returns
   grid:      {key: (value, ...)}: every combination is an arm (nested like overrides)
   arms:      {name: {key: value}}: named arms, crossed with the grid (either may be empty)
   seeds:     (seed, ...): each arm runs once per seed (`config.seed`)
-  metrics:   ('evaluator/metric', ...) to tabulate, from each run's final evaluation
+  metrics:   ('evaluator/metric', ...) to tabulate, from each run's final evaluation, or
+             'train/nonfinite_steps' (the steps skipped as non-finite)
+  lower_is_better: optional subset of `metrics` whose best arm has the lowest mean (losses);
+             the others' best has the highest
   plot_x:    optional grid key for the plot's x axis (one line per other arm settings);
              None: bars per arm
 
@@ -47,7 +50,7 @@ from mmjax import train
 from mmjax import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ('base', 'overrides', 'grid', 'arms', 'seeds', 'metrics', 'plot_x')
+KEYS = ('base', 'overrides', 'grid', 'arms', 'seeds', 'metrics', 'lower_is_better', 'plot_x')
 
 
 def flatten(tree, prefix: str = '', *, leaf=None) -> dict:
@@ -92,6 +95,9 @@ def load(path: str) -> ml_collections.ConfigDict:
   for key in ('base', 'seeds', 'metrics'):
     if key not in experiment or not experiment[key]:
       raise KeyError(f'{path}: experiment key {key!r} is missing or empty')
+  unknown = sorted(set(experiment.get('lower_is_better') or ()) - set(experiment.metrics))
+  if unknown:
+    raise KeyError(f'{path}: lower_is_better names {unknown}, which are not in its metrics')
   return experiment
 
 
@@ -137,11 +143,14 @@ def run_config(experiment, run: Run) -> ml_collections.ConfigDict:
 
 
 def train_and_evaluate(config, run: Run) -> dict:
-  """Trains `run` (resuming its workdir), evaluates the final step, writes `result.json`."""
-  _, metrics = train.run(config, run.workdir)
+  """Trains `run` (resuming its workdir), evaluates the final step, writes `result.json`:
+  the evaluation's metrics and `train/nonfinite_steps`, the steps skipped as non-finite
+  (`config.nonfinite='skip'`)."""
+  state, metrics = train.run(config, run.workdir)
   if not metrics:  # resumed at the end (a kill after training, before result.json)
     _, metrics, _ = evaluate.run(run.workdir)
   metrics = {key: float(value) for key, value in metrics.items() if np.ndim(value) == 0}
+  metrics['train/nonfinite_steps'] = float(jax.device_get(state['nonfinite_steps']))
   result = {'arm': run.arm, 'seed': run.seed, 'overrides': run.overrides, 'metrics': metrics}
   if distributed.is_chief():
     with files.atomic_write(run.result_path) as f:
@@ -168,10 +177,11 @@ def summarize(experiment, results: list[dict]) -> dict:
   return summary
 
 
-def table(summary: dict, *, title: str) -> str:
+def table(summary: dict, *, title: str, lower_is_better=()) -> str:
   """Markdown: one row per arm, `mean ± std (n)` per metric; then, per metric, the best arm
-  and which arms differ from it by more than the seed spread (their ranges over seeds do
-  not overlap the best arm's)."""
+  (the highest mean; the lowest for the metrics in `lower_is_better`) and which arms differ
+  from it by more than the seed spread (their ranges over seeds do not overlap the best
+  arm's)."""
   metrics = list(summary)
   arm_names = list(next(iter(summary.values()), {}))
   if not arm_names:
@@ -186,16 +196,20 @@ def table(summary: dict, *, title: str) -> str:
             "the arm's range over seeds does not overlap the best arm's.", '']
   for metric in metrics:
     stats = summary[metric]
-    best = max(stats, key=lambda arm: stats[arm]['mean'])
+    lower = metric in lower_is_better
+    sign = -1 if lower else 1
+    best = max(stats, key=lambda arm: sign * stats[arm]['mean'])
     if len(stats[best]['values']) < 2:
       lines.append(f"- `{metric}`: best {best} ({stats[best]['mean']:.4f}); one seed: no "
                    'spread to compare the arms with.')
       continue
     single = [arm for arm in stats if arm != best and len(stats[arm]['values']) < 2]
-    apart = [arm for arm in stats if arm != best and arm not in single
-             and stats[arm]['max'] < stats[best]['min']]
+    apart = [arm for arm in stats if arm != best and arm not in single and (
+        stats[arm]['min'] > stats[best]['max'] if lower
+        else stats[arm]['max'] < stats[best]['min'])]
     within = [arm for arm in stats if arm != best and arm not in single + apart]
-    lines.append(f"- `{metric}`: best {best} ({stats[best]['mean']:.4f}); below it beyond the "
+    worse = 'above' if lower else 'below'
+    lines.append(f"- `{metric}`: best {best} ({stats[best]['mean']:.4f}); {worse} it beyond the "
                  f"seed spread: {', '.join(apart) or 'none'}; within it: "
                  f"{', '.join(within) or 'none'}"
                  + (f"; one seed only: {', '.join(single)}." if single else '.'))
@@ -271,7 +285,8 @@ def run(path: str, workdir: str, only_arms: list[str] | None = None) -> dict:
   if not distributed.is_chief():
     return summary
   name = os.path.basename(path).removesuffix('.py')
-  text = table(summary, title=f'{name} ({experiment.base})')
+  lower_is_better = tuple(experiment.get('lower_is_better') or ())
+  text = table(summary, title=f'{name} ({experiment.base})', lower_is_better=lower_is_better)
   if missing:
     text += f'\nNot finished yet ({len(missing)} of {len(runs)} runs): ' + ', '.join(missing) + '\n'
   with files.atomic_write(os.path.join(workdir, 'results.md')) as f:

@@ -14,6 +14,7 @@ from mmjax import train
 from mmjax.data import early_fusion
 from mmjax.data.tokenizers.byte import BOS_ID, PAD_ID, EarlyFusionTokenizer
 from mmjax.tasks import pretrained
+from training_steps import flat_params, train_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAMELEON = os.path.join(REPO, 'configs', 'chameleon.py')
@@ -29,28 +30,6 @@ def chameleon_config(data_dir, **overrides):
   return config_lib.load(f'{CHAMELEON}:tiny', {'data.data_dir': data_dir, **overrides})
 
 
-def _flat(params):
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params))}
-
-
-def _train(config, steps, mesh_axes=None):
-  """(initial params, params after `steps` steps, per-step metrics) on one device or all 8."""
-  devices = jax.devices() if mesh_axes else jax.devices()[:1]
-  mesh = sharding.make_mesh(mesh_axes or dict(data=1), devices)
-  with sharding.activate(mesh):
-    trainer = train.Trainer(config, mesh)
-    state = trainer.load_pretrained(trainer.init_state(jax.random.PRNGKey(0)))
-    initial = _flat(state['params'])
-    data = trainer.task.train_iterator(process_index=0, process_count=1)
-    keys = trainer.task.batch_spec(1)
-    history = []
-    for _ in range(steps):
-      batch = next(data)
-      state, metrics = trainer.train_step(
-          state, sharding.global_batch({k: batch[k] for k in keys}, trainer.batch_sharding))
-      history.append({k: float(v) for k, v in metrics.items()})
-  return initial, _flat(state['params']), history
 
 
 def test_caption_to_image_rows():
@@ -84,7 +63,7 @@ def test_early_fusion_tokenizer_layout():
 @pytest.mark.slow
 def test_tiny_trains_both_modalities(data_dir):
   config = chameleon_config(data_dir, **{'data.caption_dropout': 0.0})
-  before, after, history = _train(config, steps=40)
+  before, after, history = train_steps(config, steps=40)
   first, last = history[:5], history[-5:]
   mean = lambda rows, key: np.mean([row[key] for row in rows])
   for key in ('text_loss', 'image_loss'):
@@ -98,8 +77,8 @@ def test_tiny_trains_both_modalities(data_dir):
 def test_sharded_step_equals_one_device(data_dir):
   config = chameleon_config(data_dir, **{'model.language_model.num_kv_heads': 2,
                                          'model.language_model.norm_placement': 'swin'})
-  _, ref_params, ref_history = _train(config, steps=2)
-  _, params, history = _train(config, steps=2, mesh_axes=dict(data=2, fsdp=2, tensor=2))
+  _, ref_params, ref_history = train_steps(config, steps=2)
+  _, params, history = train_steps(config, steps=2, mesh_axes=dict(data=2, fsdp=2, tensor=2))
   for key in ('loss', 'text_loss', 'image_loss'):
     np.testing.assert_allclose([h[key] for h in history], [h[key] for h in ref_history],
                                rtol=1e-5, err_msg=key)
@@ -112,9 +91,9 @@ def test_tokenizer_loads_from_a_vq_run(data_dir, tmp_path):
   vq_dir = str(tmp_path / 'vq')
   train.run(config_lib.load(VQ_TINY, {'data.data_dir': data_dir, 'seed': 1, 'evals': {}}),
             vq_dir, stop_at_step=0)
-  vq_params = _flat({'tokenizer': pretrained.newest_params(vq_dir)})
+  vq_params = flat_params({'tokenizer': pretrained.newest_params(vq_dir)})
   config = chameleon_config(data_dir, **{'init.vq_from': vq_dir})
-  before, after, _ = _train(config, steps=1)
+  before, after, _ = train_steps(config, steps=1)
   for name, want in vq_params.items():
     np.testing.assert_array_equal(before[name], want, err_msg=name)
     np.testing.assert_array_equal(after[name], want, err_msg=name)
@@ -122,7 +101,7 @@ def test_tokenizer_loads_from_a_vq_run(data_dir, tmp_path):
   train.run(config_lib.load(VQ_TINY, {'data.data_dir': data_dir, 'model.num_codes': 64,
                                       'evals': {}}), other, stop_at_step=0)
   with pytest.raises(ValueError, match=r'config.model.vq.num_codes=32 vs 64'):
-    _train(chameleon_config(data_dir, **{'init.vq_from': other}), steps=0)
+    train_steps(chameleon_config(data_dir, **{'init.vq_from': other}), steps=0)
 
 
 def test_bad_configs_name_the_key(data_dir):
@@ -136,3 +115,64 @@ def test_bad_configs_name_the_key(data_dir):
   with pytest.raises(ValueError, match='norm_placement'):
     tasks.validate_config(chameleon_config(
         data_dir, **{'model.language_model.norm_placement': 'post'}), 1)
+
+
+def test_stability_evaluator_equals_numpy(data_dir):
+  """`stability` metrics over batches (padded last batch) equal numpy over the same rows."""
+  from mmjax.evals import stability
+  config = config_lib.load(f'{CHAMELEON}:tiny,stability', {'data.data_dir': data_dir})
+  task = tasks.get_task(config)
+  params = task.init(jax.random.key(0))
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  with sharding.activate(mesh):
+    evaluator = stability.stability_from_config(
+        task.capabilities(), task.eval_data(), mesh, name='stability', batch_size=24,
+        num_rows=30, kinds=('emoji_group',))
+    got = evaluator.run(params)
+    sums = np.zeros(5)
+    for rows in evaluator.groups.values():
+      assert len(rows['tokens']) % 24  # a padded last batch
+      tokens, targets = jax.jit(task.sequences)(params, rows)
+      logits = np.asarray(jax.jit(lambda p, t: task.model.apply({'params': p}, t)[0])(
+          params, tokens), np.float64)
+      top = logits.max(-1, keepdims=True)
+      logsumexp = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+      nll = logsumexp - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+      code = np.asarray(targets) >= task.tokenizer.image_token_offset
+      w = rows['loss_weights']
+      sums += [(w * nll * ~code).sum(), (w * ~code).sum(), (w * nll * code).sum(),
+               (w * code).sum(), (w * logsumexp).sum()]
+  assert sums[1] > 0 and sums[3] > 0  # both modalities are scored
+  np.testing.assert_allclose(got['text_loss'], sums[0] / sums[1], rtol=1e-5)
+  np.testing.assert_allclose(got['image_loss'], sums[2] / sums[3], rtol=1e-5)
+  np.testing.assert_allclose(got['logsumexp'], sums[4] / (sums[1] + sums[3]), rtol=1e-5)
+  assert np.isfinite(got['max_attention_logit'])
+  # Untrained, the model is no better than a uniform guess: that counts as diverged.
+  assert got['diverged'] == float(max(got['text_loss'], got['image_loss'])
+                                  > np.log(task.tokenizer.vocab_size))
+
+
+def test_stability_evaluator_flags_divergence():
+  """`diverged` is 1 for a non-finite statistic or a loss above ln(vocab), else 0."""
+  from mmjax.evals.stability import StabilityEvaluator
+  mesh = sharding.make_mesh(dict(data=1), jax.devices()[:1])
+  rows = {'image': np.zeros((3, 2, 2, 3), np.float32), 'tokens': np.zeros((3, 4), np.int32),
+          'targets': np.zeros((3, 4), np.int32), 'loss_weights': np.ones((3, 4), np.float32)}
+
+  def statistics_of(nll, max_logit):
+    def statistics(params, batch):
+      shape = batch['tokens'].shape
+      return {'log_prob': -nll * jax.numpy.ones(shape), 'logsumexp': jax.numpy.ones(shape),
+              'is_image': jax.numpy.arange(shape[1])[None].repeat(shape[0], 0) % 2 == 0,
+              'max_attention_logit': max_logit * jax.numpy.ones(shape[:1])}
+    return statistics
+
+  def diverged(nll, max_logit):
+    with sharding.activate(mesh):
+      return StabilityEvaluator(statistics=statistics_of(nll, max_logit), groups={'a': rows},
+                                vocab_size=100, batch_size=2, mesh=mesh).run({})['diverged']
+
+  assert diverged(2.0, 30.0) == 0.0
+  assert diverged(np.log(100) + 0.1, 30.0) == 1.0
+  assert diverged(2.0, np.nan) == 1.0
+  assert diverged(np.inf, 3.0) == 1.0

@@ -232,3 +232,37 @@ def test_sharded_loss_matches_one_device():
   assert query.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor', None)
   assert query.addressable_shards[0].data.shape == (2, 16, 2, 8)
   np.testing.assert_allclose(sharded, one_device, rtol=1e-5)
+
+
+def test_sown_max_attention_logit_matches_numpy():
+  """Attention sows the largest pre-softmax logit over the keys each query may see (GQA,
+  QK-norm, causal, left padding); with the collection immutable it sows nothing."""
+  from mmjax.models import layers
+  attention = layers.Attention(num_heads=4, num_kv_heads=2, causal=True, qk_norm=True)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, 16)).astype(np.float32)
+  kv_mask = np.ones((2, 5), bool)
+  kv_mask[1, :2] = False  # the second row is left padded
+  abstract = jax.eval_shape(attention.init, jax.random.key(0), x)
+  params = jax.tree.map(lambda leaf: rng.normal(0.5, 0.5, leaf.shape).astype(np.float32),
+                        nn.unbox(abstract)['params'])
+  _, sown = attention.apply({'params': params}, x, kv_mask=kv_mask,
+                            mutable=[layers.DIAGNOSTICS])
+  got = np.asarray(sown[layers.DIAGNOSTICS]['max_attention_logit'][0])
+
+  def head_norm(h, norm):
+    mean = h.mean(-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(-1, keepdims=True)
+    return (h - mean) / np.sqrt(var + 1e-5) * norm['scale'] + norm['bias']
+
+  project = lambda p: np.einsum('blw,whd->blhd', x, p['kernel']) + p['bias']
+  q = head_norm(project(params['query']), params['query_norm'])
+  k = head_norm(project(params['key']), params['key_norm'])
+  k = np.repeat(k, 2, axis=2)  # query head h reads key head h // 2
+  logits = np.einsum('bqhd,bshd->bhqs', q, k) / np.sqrt(4)
+  sees = np.tril(np.ones((5, 5), bool))[None, None] & kv_mask[:, None, None, :]
+  want = np.where(sees, logits, -np.inf).max(axis=(1, 2, 3))
+  assert np.abs(want).min() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  _, nothing = attention.apply({'params': params}, x, kv_mask=kv_mask, mutable=['other'])
+  assert not nothing

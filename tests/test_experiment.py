@@ -88,6 +88,9 @@ def test_table_states_mean_spread_and_which_arms_are_apart():
   assert '| a | 0.5200 ± 0.0283 (2) |' in text
   # c is best (0.545); a's range [0.50, 0.54] overlaps c's [0.49, 0.60]; b's does not.
   assert '- `acc`: best c (0.5450); below it beyond the seed spread: b; within it: a.' in text
+  # As a loss, b is best (0.405) and both others' ranges lie above its [0.40, 0.41].
+  text = experiment.table(summary, title='t', lower_is_better=('acc',))
+  assert '- `acc`: best b (0.4050); above it beyond the seed spread: a, c; within it: none.' in text
 
 
 def _start(path, workdir, *flags):

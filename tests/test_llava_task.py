@@ -3,16 +3,15 @@ from our own runs, the text-only baseline, and a sharded step equal to one devic
 
 import os
 
-import jax
 from ml_collections import config_dict
 import numpy as np
 import pytest
 
 from mmjax import config_lib
-from mmjax import sharding
 from mmjax import tasks
 from mmjax import train
 from mmjax.tasks import pretrained
+from training_steps import flat_params, train_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAVA = os.path.join(REPO, 'configs', 'llava.py')
@@ -28,28 +27,6 @@ def llava_config(data_dir, stage='stage2', **overrides):
   return config_lib.load(f'{LLAVA}:tiny,{stage}', {'data.data_dir': data_dir, **overrides})
 
 
-def _flat(params):
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(params))}
-
-
-def _train(config, steps, mesh_axes=None):
-  """(initial params, params after `steps` steps, losses) on one device or on all 8."""
-  devices = jax.devices() if mesh_axes else jax.devices()[:1]
-  mesh = sharding.make_mesh(mesh_axes or dict(data=1), devices)
-  with sharding.activate(mesh):
-    trainer = train.Trainer(config, mesh)
-    state = trainer.load_pretrained(trainer.init_state(jax.random.PRNGKey(0)))
-    initial = _flat(state['params'])
-    data = trainer.task.train_iterator(process_index=0, process_count=1)
-    keys = trainer.task.batch_spec(1)
-    losses = []
-    for _ in range(steps):
-      batch = next(data)
-      state, metrics = trainer.train_step(
-          state, sharding.global_batch({k: batch[k] for k in keys}, trainer.batch_sharding))
-      losses.append(float(metrics['loss']))
-  return initial, _flat(state['params']), losses
 
 
 def _changed(before, after):
@@ -60,7 +37,8 @@ def _changed(before, after):
                                                   ('stage2', {'projector', 'lm'})])
 @pytest.mark.slow
 def test_stage_trains_only_its_parts(data_dir, stage, trained_parts):
-  before, after, losses = _train(llava_config(data_dir, stage), steps=3)
+  before, after, history = train_steps(llava_config(data_dir, stage), steps=3)
+  losses = [m['loss'] for m in history]
   changed = _changed(before, after)
   part = lambda name: name.split("'")[1]
   assert {part(name) for name in changed} == trained_parts
@@ -74,9 +52,10 @@ def test_stage_trains_only_its_parts(data_dir, stage, trained_parts):
 def test_sharded_step_equals_one_device(data_dir):
   # Two key/value heads, so that tensor=2 splits them (tiny has one: GQA).
   config = llava_config(data_dir, **{'model.language_model.num_kv_heads': 2})
-  _, ref_params, ref_losses = _train(config, steps=2)
-  _, params, losses = _train(config, steps=2, mesh_axes=dict(data=2, fsdp=2, tensor=2))
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  _, ref_params, ref_history = train_steps(config, steps=2)
+  _, params, history = train_steps(config, steps=2, mesh_axes=dict(data=2, fsdp=2, tensor=2))
+  np.testing.assert_allclose([m['loss'] for m in history], [m['loss'] for m in ref_history],
+                             rtol=1e-5)
   for name, want in ref_params.items():
     np.testing.assert_allclose(params[name], want, rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -102,9 +81,9 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
 
   config = llava_config(data_dir, 'stage1', **{'init.vision_from': clip_dir,
                                               'init.lm_from': lm_dir})
-  loaded, _, _ = _train(config, steps=0)
-  clip = _flat(_read(clip_dir))
-  lm = _flat(_read(lm_dir))
+  loaded, _, _ = train_steps(config, steps=0)
+  clip = flat_params(_read(clip_dir))
+  lm = flat_params(_read(lm_dir))
   for name, value in loaded.items():
     if name.startswith("['lm']"):
       np.testing.assert_array_equal(value, lm[name], err_msg=name)
@@ -127,13 +106,13 @@ def test_parts_load_from_our_runs(data_dir, tmp_path):
   stage1_dir = _run_to_checkpoint(
       llava_config(data_dir, 'stage1', seed=1, evals={}, **{
           'init.vision_from': clip_dir, 'init.lm_from': lm_dir}), str(tmp_path / 'stage1'))
-  stage2, _, _ = _train(llava_config(data_dir, **{'init.params_from': stage1_dir}), steps=0)
-  stage1 = _flat(_read(stage1_dir))
+  stage2, _, _ = train_steps(llava_config(data_dir, **{'init.params_from': stage1_dir}), steps=0)
+  stage1 = flat_params(_read(stage1_dir))
   assert stage2.keys() == stage1.keys()
   for name, value in stage2.items():
     np.testing.assert_array_equal(value, stage1[name], err_msg=name)
   # Only the projector from stage 1; the LM from lm_from, the rest fresh.
-  only_projector, _, _ = _train(llava_config(data_dir, **{
+  only_projector, _, _ = train_steps(llava_config(data_dir, **{
       'init.params_from': stage1_dir, 'init.params_parts': 'projector', 'init.lm_from': lm_dir}),
       steps=0)
   fresh_equal_to_stage1 = []
@@ -161,11 +140,11 @@ def test_mismatched_pretrained_part_names_the_param(data_dir, tmp_path):
   clip_dir = _run_to_checkpoint(clip_config, str(tmp_path / 'clip_wide'))  # width 64, not 32
   config = llava_config(data_dir, **{'init.vision_from': clip_dir})
   with pytest.raises(ValueError, match=r"vision_tower.*shape"):
-    _train(config, steps=0)
+    train_steps(config, steps=0)
 
 
 def test_bad_configs_name_the_key(data_dir):
   with pytest.raises(ValueError, match='config.data.num_image_tokens'):
     tasks.validate_config(llava_config(data_dir, **{'data.num_image_tokens': 4}), 1)
   with pytest.raises(ValueError, match='config.trainable'):
-    _train(llava_config(data_dir, trainable='vision/.*'), steps=0)
+    train_steps(llava_config(data_dir, trainable='vision/.*'), steps=0)

@@ -16,6 +16,7 @@ from mmjax.evals import captioning
 from mmjax.evals import dual_encoder
 from mmjax.evals import fewshot
 from mmjax.evals import reconstruction
+from mmjax.evals import stability
 from mmjax.evals import text_to_image
 
 BUILDERS = {
@@ -26,6 +27,7 @@ BUILDERS = {
     'captioning': captioning.captioning_from_config,
     'fewshot': fewshot.fewshot_from_config,
     'text_to_image': text_to_image.text_to_image_from_config,
+    'stability': stability.stability_from_config,
 }
 
 

@@ -21,7 +21,8 @@ def round_to_mesh(batch_size: int, mesh) -> int:
 
 
 class BatchedApply:
-  """`self(params, inputs) -> np.ndarray [n, ...]`: `fn` applied batch by batch.
+  """`self(params, inputs) -> np.ndarray [n, ...]`: `fn` applied batch by batch (a pytree
+  of such arrays where `fn` returns a pytree).
 
   `inputs` is an array [n, ...] or a dict (any pytree) of arrays [n, ...].
   fn(params, batch [b, ...]) -> [b, ...] is jitted once; its outputs come back replicated
@@ -53,5 +54,5 @@ class BatchedApply:
       with sharding.activate(self.mesh):
         batch = jax.tree.map(
             lambda x: sharding.put_replicated_data(x, self._batch_sharding), padded)
-        outputs.append(np.asarray(self._fn(params, batch))[:real])
-    return np.concatenate(outputs)
+        outputs.append(jax.tree.map(lambda x: np.asarray(x)[:real], self._fn(params, batch)))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

@@ -53,6 +53,18 @@ class Scorer:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenStatistics:
+  """A decoder's per-token statistics on scored rows (training-stability diagnostics).
+
+  statistics: `(params, batch) -> {'log_prob' float32 [b, L]: the log-probability of each
+    target, 'logsumexp' float32 [b, L]: logsumexp of the output logits at each position,
+    'is_image' bool [b, L]: the target is an image code, 'max_attention_logit' float32 [b]:
+    the largest pre-softmax attention logit of the row in any layer}`; batch as `Scorer`'s.
+  """
+  statistics: Callable[[Any, dict], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class Generator:
   """Greedy continuations of left-padded prompts that read images.
 
@@ -99,6 +111,7 @@ class Capabilities:
   dual_encoder: DualEncoder | None = None
   image_tokenizer: ImageTokenizer | None = None
   scorer: Scorer | None = None
+  token_statistics: TokenStatistics | None = None
   generator: Generator | None = None
   image_embedder: ImageEmbedder | None = None
   image_generator: ImageGenerator | None = None

@@ -116,7 +116,8 @@ class DecoderStack(nn.Module):
     block = layers.remat_block(DecoderBlock, self.remat, self.scan)
     if self.scan:
       stack = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          block, variable_axes={'params': 0, layers.DIAGNOSTICS: 0},
+          split_rngs={'params': True, 'dropout': True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
           metadata_params={nn.PARTITION_NAME: 'layers'})
       x, cache = stack(name='blocks', **self.block)(x, positions, kv_mask, cache, cache_index)

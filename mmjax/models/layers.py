@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = jnp.dtype
+# The variable collection of diagnostics that layers sow when it is mutable (and only then:
+# otherwise they compute nothing extra), e.g. `apply(..., mutable=[DIAGNOSTICS])`.
+DIAGNOSTICS = 'diagnostics'
 
 
 def freeze_dict_fields(module: nn.Module, *names: str) -> None:
@@ -173,6 +176,10 @@ class Attention(nn.Module):
   queries and keys per head (`HeadLayerNorm`, params `query_norm`, `key_norm`) after their
   projections and before the rotation, as Chameleon (its keys enter the cache normalised).
 
+  With the `DIAGNOSTICS` collection mutable, each call sows `max_attention_logit [batch]`:
+  the largest pre-softmax logit `q.k / sqrt(head_dim)` over heads, queries and the keys each
+  query may see (the growth that QK-norm prevents, Chameleon section 2.3).
+
   KV cache (causal self-attention only): `cache = {'key', 'value'}`, each
   `[batch, max_len, num_kv_heads, head_dim]`; this call's keys and values are written at
   slots `cache_index ...` and its queries attend to every slot up to their own
@@ -244,6 +251,8 @@ class Attention(nn.Module):
     logits = logits.reshape(batch, self.num_heads, length, keys)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if self.is_mutable_collection(DIAGNOSTICS):  # training-stability diagnostics
+      self.sow(DIAGNOSTICS, 'max_attention_logit', jnp.max(logits, axis=(1, 2, 3)))
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = weights.reshape(batch, num_kv_heads, groups, length, keys)
     out = jnp.einsum('bkgqs,bskd->bqkgd', weights, v).reshape(batch, length, self.num_heads,
@@ -365,7 +374,7 @@ class Transformer(nn.Module):
     block = remat_block(TransformerBlock, self.remat, self.scan)
     if self.scan:
       stack = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          block, variable_axes={'params': 0, DIAGNOSTICS: 0}, split_rngs={'params': True},
           in_axes=nn.broadcast, length=self.depth,
           unroll=self.scan_unroll,
           metadata_params={nn.PARTITION_NAME: 'layers'})

@@ -26,6 +26,7 @@ from mmjax.data import pipeline
 from mmjax.data.tokenizers.byte import BOS_ID, EarlyFusionTokenizer
 from mmjax.evals import capabilities
 from mmjax.models.chameleon import Chameleon, fill_placeholders
+from mmjax.models import layers
 from mmjax.models.decoder import NORM_PLACEMENTS
 from mmjax.tasks import language_model_checks
 from mmjax.tasks import clip as clip_task
@@ -201,6 +202,21 @@ class ChameleonTask(Task):
     weights = batch['loss_weights']
     return jnp.sum(weights * target_log_probs, 1) / jnp.maximum(jnp.sum(weights, 1), 1.0)
 
+  def token_statistics(self, params, batch):
+    """`capabilities.TokenStatistics.statistics` of the rows of `batch` (placeholders
+    filled with the codes of `batch['image']`)."""
+    tokens, targets = self.sequences(params, batch)
+    (logits, _), sown = self.model.apply({'params': params}, tokens,
+                                         mutable=[layers.DIAGNOSTICS])
+    logits = logits.astype(jnp.float32)
+    logsumexp = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # Each attention call sowed [batch] (scanned blocks: [layers, batch]).
+    per_call = [leaf.reshape(-1, tokens.shape[0]) for leaf in jax.tree.leaves(sown)]
+    return {'log_prob': target_logits - logsumexp, 'logsumexp': logsumexp,
+            'is_image': self.model.is_image_token(targets),
+            'max_attention_logit': jnp.max(jnp.concatenate(per_call), axis=0)}
+
   def judge(self):
     """`capabilities.Judge` of the CLIP run `config.judge.clip_workdir` (None if '')."""
     workdir = self.config.judge.clip_workdir
@@ -216,6 +232,7 @@ class ChameleonTask(Task):
   def capabilities(self):
     return capabilities.Capabilities(
         generator=capabilities.Generator(self.answer), scorer=capabilities.Scorer(self.score),
+        token_statistics=capabilities.TokenStatistics(self.token_statistics),
         image_generator=capabilities.ImageGenerator(self.generate_images), judge=self.judge())
 
   def eval_data(self):
