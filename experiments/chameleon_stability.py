@@ -17,15 +17,19 @@ statistic or a loss above ln V) and the number of skipped steps.
 
 import ml_collections
 
-STEPS = 300
+STEPS = 150
 
 
 def get_config():
   return ml_collections.ConfigDict(dict(
       base='configs/chameleon.py:small,stability',
       overrides=dict(
-          total_steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS, log_every=50,
-          schedule=dict(warmup_steps=30),
+          batch_size=16, total_steps=STEPS, eval_every=STEPS, checkpoint_every=STEPS,
+          log_every=25, schedule=dict(warmup_steps=STEPS // 10),
+          model=dict(language_model=dict(width=64, num_heads=4, num_kv_heads=2, mlp_dim=176)),
+          data=dict(max_len=144, weights=dict(emoji_caption_to_image=2.0, emoji_name=0.0,
+                                              emoji_group=1.0, tuxpaint_caption=0.0,
+                                              tuxpaint_category=0.0)),
           init=dict(vq_from='workdirs/vq_codebook/base/seed_0')),
       arms=dict(
           none=dict(model=dict(language_model=dict(qk_norm=False)), loss=dict(z_loss=0.0)),

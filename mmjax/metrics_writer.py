@@ -5,7 +5,6 @@ import os
 
 from matplotlib.figure import Figure  # No pyplot: no global backend is chosen or needed.
 import numpy as np
-import tensorboardX
 
 from mmjax import files
 
@@ -36,6 +35,9 @@ class MetricsWriter:
       files.rewrite_jsonl(self.jsonl_path, [r for r in read_records(self.jsonl_path)
                                             if r['step'] <= resume_step])
     logdir = os.path.join(workdir, 'tensorboard', '' if name == 'metrics' else name)
+    # Imported here, not at the top: tensorboardX imports torch where it is installed
+    # (seconds), which every process importing mmjax.train (the evaluators' too) would pay.
+    import tensorboardX  # pylint: disable=g-import-not-at-top
     # purge_step: TensorBoard discards the earlier event files' events at steps >= it.
     self.tensorboard = tensorboardX.SummaryWriter(
         logdir, purge_step=None if resume_step is None else resume_step + 1)

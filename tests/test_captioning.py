@@ -171,10 +171,10 @@ def _fake_task(data_dir, seen_batches):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
+def data_dir(shared_data_dir):
   assert instruct.available_kinds() == list(instruct.QUESTION_KINDS), (
       'needs apt packages tuxpaint-stamps-default and unicode-data (.ci/setup as root)')
-  path = str(tmp_path_factory.getbasetemp() / 'instruct_tfds')  # Shared with test_instruct_data.
+  path = shared_data_dir
   instruct.build(path, instruct.QUESTION_KINDS)
   return path
 

@@ -236,7 +236,7 @@ def test_sharded_loss_matches_one_device():
 
 def test_sown_max_attention_logit_matches_numpy():
   """Attention sows the largest pre-softmax logit over the keys each query may see (GQA,
-  QK-norm, causal, left padding); with the collection immutable it sows nothing."""
+  QK-norm, causal, left padding); with the collection immutable, or in init, nothing."""
   from mmjax.models import layers
   attention = layers.Attention(num_heads=4, num_kv_heads=2, causal=True, qk_norm=True)
   rng = np.random.default_rng(0)
@@ -266,3 +266,4 @@ def test_sown_max_attention_logit_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
   _, nothing = attention.apply({'params': params}, x, kv_mask=kv_mask, mutable=['other'])
   assert not nothing
+  assert set(jax.eval_shape(attention.init, jax.random.key(0), x)) == {'params'}

@@ -100,8 +100,8 @@ def _start(path, workdir, *flags):
 
 
 @pytest.mark.slow
-def test_killed_grid_resumes_and_its_table_is_what_evaluate_reports(tmp_path):
-  path = _write(tmp_path, EXPERIMENT.format(data_dir=str(tmp_path / 'data')))
+def test_killed_grid_resumes_and_its_table_is_what_evaluate_reports(tmp_path, shared_data_dir):
+  path = _write(tmp_path, EXPERIMENT.format(data_dir=shared_data_dir))
   workdir = tmp_path / 'grid'
   runs = experiment.plan(experiment.load(path), str(workdir))
   first = runs[0]

@@ -77,8 +77,8 @@ def _saved_steps(checkpoint_dir):
       checkpoint_dir) else []
 
 
-def test_kills_at_random_moments_lose_and_repeat_nothing(tmp_path):
-  data_dir, workdir = str(tmp_path / 'data'), tmp_path / 'interrupted'
+def test_kills_at_random_moments_lose_and_repeat_nothing(tmp_path, shared_data_dir):
+  data_dir, workdir = shared_data_dir, tmp_path / 'interrupted'
   overrides = {'total_steps': STEPS, 'checkpoint_every': 4, 'log_every': 1, 'evals': {},
                'eval_every': 100000, 'record_example_ids': True, 'mesh.data': 2,
                'mesh.fsdp': 4, 'data.data_dir': data_dir}
@@ -88,7 +88,9 @@ def test_kills_at_random_moments_lose_and_repeat_nothing(tmp_path):
   command = [sys.executable, '-m', 'mmjax.train', '--config', TINY, '--workdir', str(workdir),
              *(f'--config.{key}={value}' for key, value in overrides.items())]
   # Restarts compile from the persistent cache, as a restarted job on a cluster would.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'compile_cache'),
+  # (The test session's cache, tests/conftest.py, where it has one.)
+  cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or str(tmp_path / 'compile_cache')
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   checkpoint_dir = str(workdir / 'checkpoints')
   rng = np.random.default_rng(21)

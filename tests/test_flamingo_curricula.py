@@ -24,8 +24,8 @@ _spec.loader.exec_module(curricula)
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.getbasetemp() / 'instruct_tfds')  # Shared with test_captioning.
+def data_dir(shared_data_dir):
+  path = shared_data_dir
   instruct.build(path, ['emoji_name'])
   return path
 

@@ -21,10 +21,10 @@ ALL_KINDS = list(instruct.QUESTION_KINDS)
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
+def data_dir(shared_data_dir):
   assert instruct.available_kinds() == ALL_KINDS, (
       f'needs apt packages {tuxpaint.APT_PACKAGE} and unicode-data (.ci/setup as root)')
-  path = str(tmp_path_factory.getbasetemp() / 'instruct_tfds')  # Shared with test_captioning.
+  path = shared_data_dir
   instruct.build(path, ALL_KINDS)
   return path
 

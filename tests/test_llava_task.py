@@ -19,8 +19,8 @@ CLIP_TINY = os.path.join(REPO, 'configs', 'clip.py') + ':tiny'
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('datasets'))
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 def llava_config(data_dir, stage='stage2', **overrides):

@@ -56,8 +56,8 @@ def _train_two_processes(workdir, data_dir, xla_flags, overrides=None, extra_fla
   return outputs
 
 
-def test_two_processes_equal_one_process(tmp_path, xla_flags):
-  data_dir = str(tmp_path / 'data')
+def test_two_processes_equal_one_process(tmp_path, xla_flags, shared_data_dir):
+  data_dir = shared_data_dir
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   (out0, _), (out1, _) = _train_two_processes(two, data_dir, xla_flags(4))
   assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in out0
@@ -127,10 +127,10 @@ def _assert_close_states(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_resume_across_process_counts_trains_on(tmp_path, xla_flags):
+def test_resume_across_process_counts_trains_on(tmp_path, xla_flags, shared_data_dir):
   """2 -> 1 and 1 -> 2 processes at step 4 of 8, with a grain worker process per host: the
   resumed runs see exactly the uninterrupted run's examples and end at its parameters."""
-  data_dir = str(tmp_path / 'data')
+  data_dir = shared_data_dir
   config = config_lib.load(TINY, {'data.data_dir': data_dir, **RESUME})
   straight, _ = train.run(config, str(tmp_path / 'straight'))
   want_ids = train.read_example_ids(str(tmp_path / 'straight'))
@@ -157,10 +157,10 @@ def test_resume_across_process_counts_trains_on(tmp_path, xla_flags):
   assert ids[:4] + _global_ids(one_two, 2, range(4, 8)) == want_ids
 
 
-def test_sigterm_to_one_process_first_stops_both_at_the_same_step(tmp_path, xla_flags):
+def test_sigterm_to_one_process_first_stops_both_at_the_same_step(tmp_path, xla_flags, shared_data_dir):
   workdir = str(tmp_path / 'run')
   overrides = dict(RESUME, total_steps=400, **{'data.worker_count': 0})
-  processes = _start_two_processes(workdir, str(tmp_path / 'data'), xla_flags(4), overrides)
+  processes = _start_two_processes(workdir, shared_data_dir, xla_flags(4), overrides)
   ids_files = [os.path.join(workdir, f'example_ids.{rank}.jsonl') for rank in (0, 1)]
   steps_logged = lambda rank: (len(open(ids_files[rank]).read().splitlines())
                                if os.path.exists(ids_files[rank]) else 0)

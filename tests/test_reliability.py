@@ -30,8 +30,8 @@ TINY = os.path.join(REPO, 'configs', 'clip.py') + ':tiny'
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('datasets'))
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 def _config(data_dir, **overrides):

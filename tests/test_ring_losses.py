@@ -142,8 +142,8 @@ def test_traced_without_any_mesh_raises(kind):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('datasets'))
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 @pytest.mark.parametrize('config_name', ['clip.py', 'siglip.py'])

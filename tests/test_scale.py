@@ -30,8 +30,8 @@ def _bench_scale():
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('datasets'))
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 def _loss_and_grads(config, mesh_axes=None):

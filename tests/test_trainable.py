@@ -20,8 +20,8 @@ TEXT_ONLY = 'text_tower/.*|text_projection/kernel'
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('datasets'))
+def data_dir(shared_data_dir):
+  return shared_data_dir
 
 
 def tiny_config(data_dir, trainable, **overrides):

@@ -5,8 +5,6 @@ Each example: `image` uint8 [8, 8, 1] in 0..255, `label` int64 in 0..9, `name` (
 """
 
 import numpy as np
-import sklearn.datasets
-import sklearn.model_selection
 import tensorflow_datasets as tfds
 
 from mmjax.data import builder
@@ -30,6 +28,9 @@ class Digits(builder.Builder):
   HOMEPAGE = 'https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset'
 
   def split_examples(self):
+    # Imported when the dataset is built, not whenever mmjax.data is (seconds per process).
+    import sklearn.datasets  # pylint: disable=g-import-not-at-top
+    import sklearn.model_selection  # pylint: disable=g-import-not-at-top
     digits = sklearn.datasets.load_digits()  # The data ships with scikit-learn.
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)

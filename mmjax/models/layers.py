@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = jnp.dtype
-# The variable collection of diagnostics that layers sow when it is mutable (and only then:
-# otherwise they compute nothing extra), e.g. `apply(..., mutable=[DIAGNOSTICS])`.
+# The variable collection of diagnostics that layers sow when it is mutable in an `apply`
+# (only then: otherwise, and in `init`, they compute nothing extra and the variables hold no
+# such collection), e.g. `apply(..., mutable=[DIAGNOSTICS])`.
 DIAGNOSTICS = 'diagnostics'
 
 
@@ -251,7 +252,7 @@ class Attention(nn.Module):
     logits = logits.reshape(batch, self.num_heads, length, keys)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    if self.is_mutable_collection(DIAGNOSTICS):  # training-stability diagnostics
+    if self.is_mutable_collection(DIAGNOSTICS) and not self.is_initializing():
       self.sow(DIAGNOSTICS, 'max_attention_logit', jnp.max(logits, axis=(1, 2, 3)))
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = weights.reshape(batch, num_kv_heads, groups, length, keys)
