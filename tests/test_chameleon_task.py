@@ -117,6 +117,7 @@ def test_bad_configs_name_the_key(data_dir):
         data_dir, **{'model.language_model.norm_placement': 'post'}), 1)
 
 
+@pytest.mark.slow
 def test_stability_evaluator_equals_numpy(data_dir):
   """`stability` metrics over batches (padded last batch) equal numpy over the same rows."""
   from mmjax.evals import stability
